@@ -1,0 +1,1 @@
+"""Offline converters: raw datasets -> FFCV .beton files (+ manifest)."""

@@ -1,0 +1,106 @@
+"""Convert Fashion-MNIST (IDX files) to FFCV: ``<out>/train.beton`` and ``<out>/val.beton``.
+
+Reads the four gzipped IDX files shipped by Debian's ``dataset-fashion-mnist`` package
+(/usr/share/datasets/fashion-mnist), or from any folder given with ``--source``. Images are
+28x28 grayscale, stored as RGB (channel replicated) so every dataset shares one pipeline.
+
+    python -m data_prep.fashion_mnist --out data/fmnist
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
+CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
+           "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+SPLITS = {"train": "train", "val": "t10k"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """IDX format: magic (2 zero bytes, dtype 0x08 = uint8, ndim), big-endian dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX uint8 file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {tuple(dims)} = {np.prod(dims)} bytes, got {data.size}")
+    return data.reshape(dims)
+
+
+def find_file(source: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (source / name).is_file():
+            return source / name
+    raise FileNotFoundError(f"{source}: no {stem}[.gz]; install Debian's dataset-fashion-mnist "
+                            f"or pass --source with the four IDX files")
+
+
+def load_split(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = SPLITS[split]
+    images = read_idx(find_file(source, f"{prefix}-images-idx3-ubyte"))       # (N, 28, 28)
+    labels = read_idx(find_file(source, f"{prefix}-labels-idx1-ubyte"))       # (N,)
+    if len(images) != len(labels):
+        raise ValueError(f"{source}: {split} has {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+class GrayAsRGB:
+    """Indexable dataset for the FFCV writer: (28, 28) uint8 -> (28, 28, 3)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return np.repeat(self.images[i][:, :, None], 3, axis=2), int(self.labels[i])
+
+
+def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw") -> dict[str, Path]:
+    from data_prep.manifest import write_manifest
+    from hpc_mim.data.ffcv_io import write_beton
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split in SPLITS:
+        images, labels = load_split(source, split)
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        path = out / f"{split}.beton"
+        start = time.time()
+        print(f"[fashion_mnist] {split}: {len(labels)} images -> {path}", flush=True)
+        write_beton(str(path), GrayAsRGB(images, labels), mode=mode)
+        write_manifest(path, source=str(source), classes=CLASSES, labels=labels.tolist(),
+                       extra={"mode": mode, "resolution": 28, "seconds": round(time.time() - start, 1)})
+        written[split] = path
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE), help="folder with the IDX files")
+    ap.add_argument("--out", type=Path, default=Path("data/fmnist"))
+    ap.add_argument("--limit", type=int, default=0, help="first N images per split (0 = all)")
+    ap.add_argument("--mode", choices=["raw", "jpg"], default="raw")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.source, args.out, args.limit, args.mode)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The manifest written next to every converted file: counts, classes, checksum."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(beton: Path, *, source: str, classes: list[str], labels: list[int],
+                   extra: dict[str, Any] | None = None) -> Path:
+    """``<beton>.json`` with sample and per-class counts and the file's sha256."""
+    counts = [0] * len(classes)
+    for y in labels:
+        counts[y] += 1
+    manifest = {
+        "file": beton.name, "source": source, "num_samples": len(labels),
+        "classes": classes, "class_counts": dict(zip(classes, counts)),
+        "sha256": sha256(beton), "bytes": beton.stat().st_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}),
+    }
+    out = beton.with_suffix(".json")
+    out.write_text(json.dumps(manifest, indent=2))
+    return out

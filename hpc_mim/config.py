@@ -1,0 +1,365 @@
+"""Typed configuration: dataclasses per component, YAML files, dotted CLI overrides.
+
+A run's config is composed in this order (later wins):
+
+    dataclass defaults < configs/methods/<method>.yaml < configs/presets/<preset>.yaml
+                       < --config FILE ... < --set key.sub=value ...
+
+Every layer is checked against the dataclasses: an unknown key gets a did-you-mean, a value of
+the wrong type or an impossible value gets a ``ConfigError`` naming the dotted key and the file
+(or ``--set``) it came from. Nothing here imports torch, so the login-node CLI stays light.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad config key, type or value; the message names the key and where it came from."""
+
+
+@dataclass
+class ModelConfig:
+    """ViT encoder size. Defaults are ViT-B/16 at 224 px."""
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+
+    def validate(self) -> None:
+        _check(self.img_size % self.patch_size == 0, "model.img_size",
+               f"{self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        _check(self.embed_dim % self.num_heads == 0, "model.embed_dim",
+               f"{self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be > 0")
+
+
+@dataclass
+class MethodConfig:
+    """Pre-training method (a name in hpc_mim.methods.REGISTRY) and its options."""
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+    def validate(self) -> None:
+        from hpc_mim.methods import REGISTRY  # the registry is a plain dict of import paths
+        _check(self.name in REGISTRY, "method.name",
+               f"unknown method {self.name!r}; choose one of {sorted(REGISTRY)}")
+        _check(0.0 <= self.mask_ratio < 1.0, "method.mask_ratio",
+               f"{self.mask_ratio} must be in [0, 1): at least one patch must stay visible")
+        _check(self.decoder_dim % self.decoder_heads == 0, "method.decoder_dim",
+               f"{self.decoder_dim} is not divisible by method.decoder_heads={self.decoder_heads}")
+
+
+@dataclass
+class DataConfig:
+    """Which converted dataset to read (a name in configs/datasets.yaml) and its augmentation."""
+    dataset: str = "fmnist"
+    root: str = "data"                  # folder holding the converted .beton files
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    num_workers: int = 2
+    max_train_samples: int = 0          # 0 = all; a prefix subset for quick runs
+
+    def validate(self) -> None:
+        datasets = load_dataset_registry()
+        _check(self.dataset in datasets, "data.dataset",
+               f"unknown dataset {self.dataset!r}; configs/datasets.yaml has {sorted(datasets)}")
+        lo, hi = (self.crop_scale + [0, 0])[:2]
+        _check(len(self.crop_scale) == 2 and 0 < lo <= hi <= 1, "data.crop_scale",
+               f"{self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+        _check(self.num_workers >= 1, "data.num_workers", "must be >= 1")
+        _check(self.max_train_samples >= 0, "data.max_train_samples", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (MAE recipe by default: AdamW(0.9, 0.95), lr = blr * batch / 256)."""
+    epochs: int = 800
+    warmup_epochs: float = 40
+    batch_size: int = 4096              # effective (global) batch size per optimizer step
+    micro_batch_size: int = 64          # per process per forward; the rest is accumulation
+    blr: float = 1.5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    clip_grad: float = 0.0              # 0 = no clipping
+    precision: str = "fp32"             # fp32 | bf16
+    zero_stage: int = 2
+    seed: int = 0
+    log_every: int = 20                 # optimizer steps between metric points
+    max_steps: int = 0                  # 0 = run all epochs; > 0 stops early (smoke tests)
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "train.epochs", "must be > 0")
+        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs",
+               f"{self.warmup_epochs} must be in [0, train.epochs={self.epochs}]")
+        _check(self.batch_size > 0 and self.micro_batch_size > 0, "train.batch_size", "must be > 0")
+        _check(self.batch_size % self.micro_batch_size == 0, "train.batch_size",
+               f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}")
+        _check(self.precision in ("fp32", "bf16"), "train.precision",
+               f"{self.precision!r}; choose fp32 or bf16")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{self.zero_stage}; choose 0-3")
+        _check(self.blr > 0, "train.blr", "must be > 0")
+        _check(len(self.betas) == 2, "train.betas", "must be [beta1, beta2]")
+
+    def accumulation(self, world_size: int) -> int:
+        """Gradient accumulation steps so that micro * world * accum == batch_size."""
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"train.batch_size={self.batch_size} is not divisible by train.micro_batch_size"
+                f" x world size = {self.micro_batch_size} x {world_size}")
+        return self.batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500              # periodic checkpoints cover kill -9 and node loss
+    keep_last: int = 2
+
+    def validate(self) -> None:
+        _check(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""                       # "" = sqlite:///<runs_root>/mlflow.db; or http://host:port
+    experiment: str = "hpc_mim"
+
+
+@dataclass
+class ClusterConfig:
+    """Resources for the pre-training job (evaluations take one task each)."""
+    partition: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 1             # = GPUs per node on a GPU cluster
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    time_min: int = 60
+    eval_time_min: int = 60
+
+    def validate(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "eval_time_min"):
+            _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
+
+
+@dataclass
+class KNNConfig:
+    """DINO's weighted kNN: L2-normalised features, votes weighted by exp(sim / T)."""
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    pooling: str = "cls"                # cls | mean
+    max_train_samples: int = 0
+
+
+@dataclass
+class LinearProbeConfig:
+    """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, LARS."""
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 16384
+    blr: float = 0.1                    # lr = blr * batch_size / 256
+    weight_decay: float = 0.0
+    pooling: str = "cls"
+    max_train_samples: int = 0
+
+
+@dataclass
+class EvalConfig:
+    run: list[str] = field(default_factory=lambda: ["knn", "linear_probe"])
+    dataset: str = ""                   # "" = the pre-training dataset
+    batch_size: int = 256               # feature extraction batch
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+
+    def validate(self) -> None:
+        from evaluation import EVALUATIONS
+        for name in self.run:
+            _check(name in EVALUATIONS, "eval.run",
+                   f"unknown evaluation {name!r}; choose from {sorted(EVALUATIONS)}")
+        for key in ("knn.pooling", "linear_probe.pooling"):
+            section, attr = key.split(".")
+            value = getattr(getattr(self, section), attr)
+            _check(value in ("cls", "mean"), f"eval.{key}", f"{value!r}; choose cls or mean")
+
+
+@dataclass
+class Config:
+    name: str = ""                      # run name; "" = <method>-<timestamp>
+    runs_root: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            validate = getattr(getattr(self, f.name), "validate", None)
+            if validate is not None:
+                validate()
+        world = self.cluster.nodes * self.cluster.tasks_per_node
+        self.train.accumulation(world)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dataset_info(self, name: str = "") -> dict[str, Any]:
+        """Registry entry of a dataset with its .beton paths made absolute."""
+        return dataset_info(name or self.data.dataset, self.data.root)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------- datasets registry
+
+def load_dataset_registry() -> dict[str, dict[str, Any]]:
+    path = CONFIG_DIR / "datasets.yaml"
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def dataset_info(name: str, root: str) -> dict[str, Any]:
+    registry = load_dataset_registry()
+    if name not in registry:
+        raise ConfigError(f"data.dataset: unknown dataset {name!r}; configs/datasets.yaml has "
+                          f"{sorted(registry)}")
+    info = dict(registry[name], name=name)
+    base = Path(root) if Path(root).is_absolute() else REPO_ROOT / root
+    for split in ("train", "val"):
+        info[split] = str(base / info[split])
+    return info
+
+
+# --------------------------------------------------------------------------- composition
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r} ({source})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r} ({source}){hint}")
+        kwargs[key] = _coerce(hints[key], value, dotted, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({source})")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, key, source) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({source})")
+    return value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.epochs=5"`` -> ``{"train": {"epochs": 5}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(method: str | None = None, preset: str | None = None,
+                files: list[str] = (), overrides: list[str] = ()) -> Config:
+    """Compose and validate a config; every layer is checked as it is applied."""
+    layers: list[tuple[str, dict]] = []
+    if method:
+        path = CONFIG_DIR / "methods" / f"{method}.yaml"
+        if not path.is_file():
+            from hpc_mim.methods import REGISTRY
+            raise ConfigError(f"--method {method!r}: no {path.relative_to(REPO_ROOT)}; "
+                              f"choose one of {sorted(REGISTRY)}")
+        layers.append((str(path), _read_yaml(path)))
+    if preset:
+        path = CONFIG_DIR / "presets" / f"{preset}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in (CONFIG_DIR / "presets").glob("*.yaml"))
+            raise ConfigError(f"--preset {preset!r}: no such preset; choose one of {names}")
+        layers.append((str(path), _read_yaml(path)))
+    layers += [(f, _read_yaml(Path(f))) for f in files]
+    layers += [(f"--set {o}", parse_override(o)) for o in overrides]
+
+    merged: dict[str, Any] = {}
+    for source, data in layers:
+        from_dict(Config, data, source)  # check this layer alone so errors name its source
+        merged = _merge(merged, data)
+    return from_dict(Config, merged, "merged config").validate()
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def read_config(path: Path) -> Config:
+    """Read a resolved config written by ``save_config`` (e.g. from a run directory)."""
+    return from_dict(Config, _read_yaml(Path(path)), str(path)).validate()

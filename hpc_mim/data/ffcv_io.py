@@ -1,0 +1,98 @@
+"""FFCV ``.beton`` writing and loading (the only module that imports ffcv).
+
+Loaders yield ``{"image": float (B, 3, S, S) normalised, "label": long (B,)}``. Sample order is
+a pure function of (seed, epoch) (FFCV's RANDOM order; DistributedSampler semantics when
+distributed), which is what makes resuming by (epoch, step) exact.
+
+Pitfall (libffcv/ffcv#396): on CPU, putting NormalizeImage after ToTensor/ToTorchImage makes the
+loader spin forever in ``Graph.group_operations``, so every JIT op stays before ``ToTensor``.
+Set ``HPC_MIM_FFCV_JIT=0`` to skip numba compilation (10-20 s per loader; useful in tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
+                                  RandomResizedCropRGBImageDecoder)
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
+                             ToTorchImage)
+from ffcv.writer import DatasetWriter
+
+if os.environ.get("HPC_MIM_FFCV_JIT", "1") == "0":
+    Compiler.set_enabled(False)
+
+
+def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode: str = "raw",
+                jpeg_quality: int = 90, num_workers: int = 2) -> None:
+    """Write ``dataset[i] -> (HWC uint8 RGB array or PIL image, int label)`` to ``path``.
+
+    ``mode``: ``raw`` (bit-exact, larger) or ``jpg`` (lossy, ~3x faster to read at ImageNet
+    scale). Small pages keep tiny datasets small (the 8 MiB default pads every file).
+    """
+    if mode not in ("raw", "jpg"):
+        raise ValueError(f"mode must be 'raw' or 'jpg', got {mode!r}")
+    fields = {"image": RGBImageField(write_mode=mode, max_resolution=max_resolution,
+                                     jpeg_quality=jpeg_quality),
+              "label": IntField()}
+    writer = DatasetWriter(path, fields, page_size=1 << 21, num_workers=num_workers)
+    writer.from_indexed_dataset(dataset, chunksize=256)
+
+
+def _image_pipeline(decoder, mean: Sequence[float], std: Sequence[float], flip: bool,
+                    device: torch.device) -> list:
+    ops = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+    ops += [NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32),
+            ToTensor()]
+    if device.type == "cuda":
+        ops.append(ToDevice(device, non_blocking=True))
+    return ops + [ToTorchImage()]
+
+
+def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float],
+                 std: Sequence[float], train: bool, seed: int = 0,
+                 crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True,
+                 eval_crop_ratio: float = 1.0, num_workers: int = 2, distributed: bool = False,
+                 max_samples: int = 0, device: torch.device | str = "cpu") -> Loader:
+    """A train loader (random order, RandomResizedCrop + flip, drop_last) or an eval loader
+    (sequential, center crop). ``distributed`` shards with torch.distributed's rank/world."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset file not found: {path} (convert it with data_prep/)")
+    device = torch.device(device)
+    if train:
+        decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(crop_scale))
+    else:
+        decoder = CenterCropRGBImageDecoder((img_size, img_size), ratio=eval_crop_ratio)
+    label_ops = [IntDecoder(), ToTensor(), Squeeze()]
+    if device.type == "cuda":
+        label_ops.append(ToDevice(device, non_blocking=True))
+    indices = None
+    if max_samples:
+        indices = np.arange(min(max_samples, num_samples(path)))
+    return Loader(path, batch_size=batch_size, num_workers=num_workers,
+                  order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                  drop_last=train, distributed=distributed, seed=seed, indices=indices,
+                  os_cache=True,
+                  pipelines={"image": _image_pipeline(decoder, mean, std, train and hflip, device),
+                             "label": label_ops})
+
+
+def iterate(loader: Loader, epoch: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches as dicts. ``epoch`` pins the (seed, epoch) order, e.g. when resuming.
+
+    The tensors live in FFCV's recycled buffers: use them before the next batch, or clone.
+    """
+    if epoch is not None:
+        loader.next_epoch = epoch
+    for image, label in loader:
+        yield {"image": image.contiguous(), "label": label.long()}
+
+
+def num_samples(path: str) -> int:
+    from ffcv.reader import Reader
+    return Reader(path).num_samples

@@ -1,0 +1,89 @@
+"""Who am I in the job: rank, world size and rendezvous address, from whichever launcher ran us.
+
+Sources, in order: torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT; the submitit launcher exports these too), plain ``srun`` (SLURM_PROCID, ...), or a
+single process. On SLURM the rendezvous host is the first node's *address* from ``scontrol``,
+not its name: node names need not resolve (the pretend nodes of the local test cluster don't).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def export(self) -> None:
+        """Write the torchrun-style variables that torch.distributed / DeepSpeed read."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK=str(self.local_rank), LOCAL_WORLD_SIZE=str(self.local_world_size),
+                          MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+
+
+def port_for_job(job_id: str | int) -> int:
+    """A port that differs between concurrent jobs but agrees between a job's tasks."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_master_addr(nodelist: str | None = None) -> str:
+    """Address of the job's first node (``NodeAddr`` in ``scontrol show node``)."""
+    nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                               capture_output=True, text=True, timeout=30).stdout.split()
+        info = subprocess.run(["scontrol", "show", "node", hosts[0]], check=True,
+                              capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        raise RuntimeError(f"cannot resolve the first node of {nodelist!r} with scontrol: {e}") from e
+    for field in info.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return hosts[0]
+
+
+def detect() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       int(env.get("LOCAL_WORLD_SIZE", 1)), env.get("MASTER_ADDR", "127.0.0.1"),
+                       int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)),
+                       int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+                       slurm_master_addr(), port_for_job(env.get("SLURM_JOB_ID", 0)))
+    return DistEnv(master_port=free_port())
+
+
+def set_threads(env: DistEnv) -> int:
+    """Split this host's cores between the processes sharing it (OMP per process).
+
+    SLURM's cpus-per-task wins; otherwise cores / processes on this host. Oversubscribed
+    OpenMP threads made a DDP step 3x slower on 2 cores (35 vs 111 ms).
+    """
+    import torch
+    n = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // env.local_world_size)
+    torch.set_num_threads(n)
+    return n

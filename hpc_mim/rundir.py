@@ -1,0 +1,64 @@
+"""The run directory: the contract between the submitting process and the chained jobs.
+
+    <runs_root>/<name>/
+      config.yaml        resolved config (written once by jobs/submit.py)
+      tracking.json      MLflow tracking URI, experiment id and the parent (pre-training) run id
+      checkpoints/       DeepSpeed checkpoints: step_<n>/ folders + an atomic ``latest`` pointer
+      encoder.pt         exported encoder weights + model config (what evaluations load)
+      evals/<name>.json  each evaluation's final metrics
+      jobs/              submitit folders: sbatch scripts, logs, pickled results
+
+Evaluations need nothing but this folder: they rebuild the encoder from ``encoder.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old or the new file, whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+
+    config = property(lambda self: self.root / "config.yaml")
+    tracking_file = property(lambda self: self.root / "tracking.json")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    encoder = property(lambda self: self.root / "encoder.pt")
+    evals = property(lambda self: self.root / "evals")
+    jobs = property(lambda self: self.root / "jobs")
+
+    def create(self) -> "RunDir":
+        for folder in (self.root, self.checkpoints, self.evals, self.jobs):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def read_tracking(self) -> dict[str, Any]:
+        if not self.tracking_file.is_file():
+            raise FileNotFoundError(f"{self.tracking_file} missing: was this run made by jobs/submit.py?")
+        return json.loads(self.tracking_file.read_text())
+
+    def write_tracking(self, info: dict[str, Any]) -> None:
+        atomic_write_text(self.tracking_file, json.dumps(info, indent=2))
+
+    def write_eval(self, name: str, metrics: dict[str, Any]) -> Path:
+        self.evals.mkdir(parents=True, exist_ok=True)
+        path = self.evals / f"{name}.json"
+        atomic_write_text(path, json.dumps(metrics, indent=2))
+        return path

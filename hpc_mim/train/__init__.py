@@ -1,0 +1,1 @@
+"""Pre-training: ``Trainer`` (the loop), ``CheckpointManager`` (atomic, resumable)."""

@@ -1,0 +1,183 @@
+"""The pre-training loop. It owns DeepSpeed (through hpc_mim.distributed.deepspeed) and MLflow
+(through hpc_mim.tracking); the method only maps a batch to a dict of losses.
+
+Schedule (MAE, arXiv 2111.06377 App. A.1): lr = blr * batch_size / 256, linear warmup, then
+half-cosine to min_lr, updated every optimizer step (timm's CosineLRScheduler).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from hpc_mim.config import Config
+from hpc_mim.data.ffcv_io import build_loader, iterate
+from hpc_mim.distributed import deepspeed as ds
+from hpc_mim.distributed.env import DistEnv, detect, set_threads
+from hpc_mim.methods import build_method
+from hpc_mim.models.vit import save_encoder
+from hpc_mim.rundir import RunDir
+from hpc_mim.tracking import MLflowLogger
+from hpc_mim.train.checkpoint import CheckpointManager
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run: RunDir, env: DistEnv | None = None) -> None:
+        self.cfg, self.run = cfg, run
+        self.env = env or detect()
+        self.threads = set_threads(self.env)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", self.env.local_rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        ds.init_distributed(self.env, self.device)
+        seed = cfg.train.seed * 1000 + self.env.rank   # masks differ between ranks
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+
+        t = cfg.train
+        self.method = build_method(cfg.model, cfg.method).to(self.device)
+        self.lr = t.blr * t.batch_size / 256
+        groups = param_groups_weight_decay(self.method, t.weight_decay)  # no decay on norms/biases
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(t.betas))
+        self.engine = ds.initialize(self.method, self.optimizer, t, self.env.world_size)
+        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+
+        info = cfg.dataset_info()
+        self.loader = build_loader(
+            info["train"], t.micro_batch_size, cfg.model.img_size, info["mean"], info["std"],
+            train=True, seed=t.seed, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+            num_workers=cfg.data.num_workers, distributed=self.env.world_size > 1,
+            max_samples=cfg.data.max_train_samples, device=self.device)
+        self.accum = t.accumulation(self.env.world_size)
+        self.steps_per_epoch = len(self.loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{info['train']}: {len(self.loader)} micro-batches per rank per epoch "
+                             f"is fewer than one optimizer step ({self.accum}); lower train.batch_size")
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        warmup = int(t.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=t.min_lr,
+            warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+        self.ckpt = CheckpointManager(run.checkpoints, cfg.checkpoint.keep_last,
+                                      self.env.is_main, barrier=dist.barrier)
+        self.logger = None
+        if self.env.is_main:
+            tracking = run.read_tracking()
+            self.logger = MLflowLogger(tracking["uri"], tracking["run_id"])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict[str, float]:
+        epoch, skip, step = self.resume()
+        t = self.cfg.train
+        sums: dict[str, float] = defaultdict(float)
+        tic, seen, last = time.time(), 0, {}
+        self.log(f"start: {self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {t.batch_size}"
+                 f" = {t.micro_batch_size} x {self.env.world_size} ranks x {self.accum} accum), "
+                 f"ZeRO-{t.zero_stage} {t.precision}, lr {self.lr:.3g}, {self.threads} threads/rank")
+        while step < self.total_steps:
+            for micro, batch in enumerate(iterate(self.loader, epoch)):
+                if micro < skip:                 # resumed mid-epoch: same order, skip done steps
+                    continue
+                if micro >= self.steps_per_epoch * self.accum or step >= self.total_steps:
+                    break
+                self.scheduler.step_update(step)
+                batch = {k: v.to(self.device, self.dtype if v.is_floating_point() else None)
+                         for k, v in batch.items()}
+                out = self.engine(batch)
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                for name, value in out.items():
+                    sums[name] += value.detach().float().item() / self.accum
+                seen += batch["image"].shape[0] * self.env.world_size
+                if (micro + 1) % self.accum:
+                    continue
+                step += 1
+                self.engine.module.on_optimizer_step(step / self.total_steps)
+                if not math.isfinite(sums["loss"]):
+                    raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}): "
+                                             + ", ".join(f"{k}={v:.4g}" for k, v in sums.items()))
+                if step % t.log_every == 0 or step == self.total_steps:
+                    last = self.log_metrics(sums, step, epoch, seen / (time.time() - tic), t.log_every)
+                    sums, tic, seen = defaultdict(float), time.time(), 0
+                epoch_done = micro + 1 == self.steps_per_epoch * self.accum
+                if step % self.cfg.checkpoint.every_steps == 0 and not epoch_done and step < self.total_steps:
+                    self.save(epoch, micro + 1, step)    # the epoch-end save below covers the rest
+            epoch, skip = epoch + 1, 0
+            self.save(epoch, 0, step)            # epoch boundary (also the final checkpoint)
+        self.export()
+        return last
+
+    # ------------------------------------------------------------------ pieces
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            print(f"[pretrain] {message}", flush=True)
+
+    def log_metrics(self, sums: dict[str, float], step: int, epoch: int, img_s: float,
+                    every: int) -> dict[str, float]:
+        names = sorted(sums)
+        values = torch.tensor([sums[n] for n in names], dtype=torch.float64)
+        dist.all_reduce(values)                  # mean over ranks (every rank logs at the same step)
+        n = every if step % every == 0 else (step % every)
+        metrics = {f"train/{k}": v / (self.env.world_size * n) for k, v in zip(names, values.tolist())}
+        metrics.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
+                        "train/img_per_s": img_s})
+        if self.logger:
+            self.logger.log_metrics(metrics, step)
+            self.log(f"epoch {epoch} step {step}/{self.total_steps} loss {metrics['train/loss']:.4f} "
+                     f"lr {metrics['train/lr']:.3g} {img_s:.0f} img/s")
+        return metrics
+
+    def save(self, epoch: int, micro: int, step: int) -> None:
+        state = {"epoch": epoch, "micro": micro, "step": step}
+
+        def save_fn(folder: Path, tag: str) -> None:
+            ds.save_checkpoint(self.engine, folder, tag, state)
+            torch.save(rng_state(), folder / tag / f"rng_rank{self.env.rank}.pt")
+
+        tag = self.ckpt.save(step, save_fn)
+        if self.logger:
+            self.logger.flush()                  # metrics up to a checkpoint are never lost
+        self.log(f"checkpoint {tag} (epoch {epoch}, micro-batch {micro})")
+
+    def resume(self) -> tuple[int, int, int]:
+        def load_fn(folder: Path, tag: str) -> dict:
+            state = ds.load_checkpoint(self.engine, folder, tag)
+            rng = folder / tag / f"rng_rank{self.env.rank}.pt"
+            if rng.is_file():
+                set_rng_state(torch.load(rng, weights_only=False))
+            return state
+
+        state = self.ckpt.load(load_fn)
+        if not state:
+            return 0, 0, 0
+        self.log(f"resumed from {self.ckpt.latest()} at step {state['step']} "
+                 f"(epoch {state['epoch']}, micro-batch {state['micro']})")
+        return state["epoch"], state["micro"], state["step"]
+
+    def export(self) -> None:
+        sd = ds.module_state_dict(self.engine, self.engine.module.encoder)
+        if self.env.is_main:
+            save_encoder(self.engine.module.encoder, vars(self.cfg.model), self.run.encoder, sd)
+            self.log(f"exported encoder to {self.run.encoder}")
+        dist.barrier()

@@ -1,0 +1,1 @@
+"""Job submission: CLI, job plan (DAG) and the one submitit launcher."""

@@ -1,0 +1,142 @@
+"""Submit a pre-training run and its chained evaluations.
+
+    python jobs/submit.py --method mae --nodes 8 --gpus-per-node 8 --partition gpu
+    python jobs/submit.py --method mae --cluster local --preset fmnist_tiny
+    python jobs/submit.py --method mae --nodes 2 --dry-run
+
+Everything is validated before anything is created or queued: the config (unknown keys,
+types, impossible values), the dataset files, and the runs folder. Then: the run directory
+(resolved config), the MLflow parent run, the pre-training job, and one job per evaluation that
+starts only after pre-training succeeded (SLURM ``afterok``; locally: run after it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):        # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hpc_mim.config import Config, ConfigError, load_config, save_config  # noqa: E402
+from jobs.plan import build_plan, format_plan  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", required=True, help="mae, ... (hpc_mim.methods.REGISTRY)")
+    ap.add_argument("--preset", help="configs/presets/<name>.yaml, applied after the method's YAML")
+    ap.add_argument("--config", action="append", default=[], help="extra YAML file(s), applied in order")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted override, e.g. --set train.epochs=5 (repeatable)")
+    ap.add_argument("--nodes", type=int, help="nodes for pre-training (cluster.nodes)")
+    ap.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
+    ap.add_argument("--tasks-per-node", type=int, help="processes per node (CPU runs)")
+    ap.add_argument("--partition", help="SLURM partition (cluster.partition)")
+    ap.add_argument("--time", type=int, help="pre-training time limit in minutes (cluster.time_min)")
+    ap.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local", "debug"],
+                    help="auto = slurm if sbatch is on PATH, else local subprocesses")
+    ap.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<runs_root>/mlflow.db)")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and sbatch scripts; queue nothing")
+    return ap.parse_args(argv)
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag, key in (("nodes", "cluster.nodes"), ("partition", "cluster.partition"),
+                      ("time", "cluster.time_min"), ("tasks_per_node", "cluster.tasks_per_node"),
+                      ("tracking_uri", "tracking.uri")):
+        if getattr(args, flag) is not None:
+            out.append(f"{key}={getattr(args, flag)}")
+    if args.gpus_per_node is not None:
+        out += [f"cluster.gpus_per_node={args.gpus_per_node}",
+                f"cluster.tasks_per_node={max(1, args.gpus_per_node)}"]
+    return out
+
+
+def check_inputs(cfg: Config, run_dir: Path) -> None:
+    """Dataset files present and the runs folder writable, else a ConfigError naming them."""
+    for dataset in {cfg.data.dataset, cfg.eval.dataset or cfg.data.dataset}:
+        info = cfg.dataset_info(dataset)
+        for split in ("train", "val"):
+            if not Path(info[split]).is_file():
+                raise ConfigError(f"data.dataset={dataset}: {split} file {info[split]} not found; "
+                                  f"convert it first: {info.get('convert', 'see data_prep/')}")
+    root = run_dir.parent
+    probe = root if root.exists() else next(p for p in root.parents if p.exists())
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"runs_root: {root} is not writable")
+    if run_dir.exists():
+        raise ConfigError(f"name: run directory {run_dir} already exists; pick another --set name=...")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.method, args.preset, args.config, args.set + flag_overrides(args))
+        name = cfg.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(cfg.runs_root).resolve() / name
+        plan = build_plan(cfg, str(run_dir))
+        if not args.dry_run:
+            check_inputs(cfg, run_dir)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from jobs.launcher import Launcher
+    launcher = Launcher(args.cluster, run_dir / "jobs", cfg.cluster.partition)
+    if args.dry_run:
+        print(f"# dry run: nothing created, nothing queued\n# run dir would be {run_dir}\n")
+        print(format_plan(plan))
+        for spec in plan:
+            deps = [f"<{name} job id>" for name in spec.after]
+            print(f"\n# ---- sbatch script: {spec.name} ----")
+            print(launcher.sbatch_script(spec, deps))
+        return 0
+    if launcher.cluster == "local" and cfg.cluster.nodes > 1:
+        print(f"note: --cluster local runs all {cfg.cluster.nodes * cfg.cluster.tasks_per_node} "
+              "tasks as processes on this machine", file=sys.stderr)
+
+    from hpc_mim import tracking
+    from hpc_mim.rundir import RunDir
+    run = RunDir(run_dir).create()
+    save_config(cfg, run.config)
+    uri = cfg.tracking.uri or tracking.default_uri(run_dir.parent)
+    # The submitting process creates the store first: concurrent creation corrupts sqlite.
+    experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
+    parent = tracking.MLflowLogger.create_run(uri, experiment, name,
+                                              tags={"method": cfg.method.name, "run_dir": str(run_dir)})
+    parent.log_params(cfg.to_dict())
+    run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": parent.run_id})
+    print(f"run dir:     {run_dir}\nmlflow run:  {parent.run_id} ({uri})")
+    print(format_plan(plan))
+
+    if launcher.cluster == "slurm":
+        jobs = launcher.submit_plan(plan)
+        for spec in plan:
+            dep = f" (afterok:{jobs['pretrain'].job_id})" if spec.after else ""
+            print(f"queued {spec.name:<14} job {jobs[spec.name].job_id}{dep}  log {launcher.log_path(jobs[spec.name])}")
+        ids = ",".join(j.job_id for j in jobs.values())
+        print(f"\nwatch:  squeue -j {ids}\n        tail -f {launcher.log_path(jobs['pretrain'])}"
+              f"\n        mlflow ui --backend-store-uri {uri}")
+        return 0
+
+    # local / debug: run pre-training, then the evaluations, and wait for all of them
+    pretrain = launcher.submit(plan[0])
+    print(f"running pretrain (log {launcher.log_path(pretrain)})", flush=True)
+    status = launcher.wait({"pretrain": pretrain})
+    if status["pretrain"] != "ok":
+        print(f"pretrain {status['pretrain']}\nevaluations not started; log: {launcher.log_path(pretrain)}",
+              file=sys.stderr)
+        return 1
+    evals = {spec.name: launcher.submit(spec) for spec in plan[1:]}
+    status.update(launcher.wait(evals))
+    for job_name, state in status.items():
+        print(f"{job_name:<14} {state}")
+    return 0 if all(s == "ok" for s in status.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# A real SLURM cluster on this one machine: munge + slurmctld + N pretend nodes (slurmd -N).
+# Used by the test suite and for trying jobs/submit.py --cluster slurm without a cluster.
+#
+#   scripts/local_slurm.sh start [NODES]   # default 2 nodes, idle when this returns
+#   scripts/local_slurm.sh stop
+#   scripts/local_slurm.sh status
+#
+# Needs root and Debian's slurm-wlm + munge (scripts/setup.sh installs them). State, logs and
+# the config live in $HPC_MIM_SLURM_DIR (default /tmp/hpc_mim_slurm); /etc/slurm/slurm.conf is
+# pointed at that config so plain `squeue`/`sbatch` work in any shell.
+set -euo pipefail
+STATE=${HPC_MIM_SLURM_DIR:-/tmp/hpc_mim_slurm}
+CONF=$STATE/slurm.conf
+cmd=${1:-status}
+NODES=${2:-2}
+HOST=$(hostname -s)
+
+die() { echo "local_slurm: $*" >&2; exit 1; }
+
+write_conf() {
+  mkdir -p "$STATE/state" "$STATE/log"
+  cat > "$CONF" <<CONF
+# written by hpc_mim scripts/local_slurm.sh
+ClusterName=hpcmim
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=16817
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=30
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1000
+MinJobAge=600
+KillWait=10
+InactiveLimit=0
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
+SlurmdSpoolDir=$STATE/spool-%n
+StateSaveLocation=$STATE/state
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+JobCompType=jobcomp/filetxt
+JobCompLoc=$STATE/log/jobcomp.txt
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=2 RealMemory=8000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+  mkdir -p /etc/slurm
+  if [ -e /etc/slurm/slurm.conf ] && ! grep -q "hpc_mim scripts/local_slurm.sh" /etc/slurm/slurm.conf; then
+    die "/etc/slurm/slurm.conf exists and is not ours; refusing to replace it"
+  fi
+  cp "$CONF" /etc/slurm/slurm.conf
+}
+
+start_munge() {
+  if ! pgrep -x munged >/dev/null; then
+    mkdir -p /run/munge && chown munge:munge /run/munge
+    [ -f /etc/munge/munge.key ] || die "no /etc/munge/munge.key (is munge installed?)"
+    runuser -u munge -- /usr/sbin/munged
+  fi
+}
+
+stop() {
+  if pgrep -x slurmctld >/dev/null; then scancel --full --quiet -u root 2>/dev/null || true; fi
+  pkill -x slurmd 2>/dev/null || true
+  pkill -x slurmctld 2>/dev/null || true
+  for _ in $(seq 50); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.2; done
+}
+
+case $cmd in
+  start)
+    [ "$(id -u)" = 0 ] || die "needs root"
+    command -v slurmctld >/dev/null || die "slurm-wlm is not installed (scripts/setup.sh)"
+    stop
+    rm -rf "$STATE/state" "$STATE"/spool-*
+    write_conf
+    start_munge
+    slurmctld -i -f "$CONF"
+    for i in $(seq 1 "$NODES"); do slurmd -N "node$i" -f "$CONF"; done
+    for _ in $(seq 150); do
+      idle=$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)
+      [ "$idle" -ge "$NODES" ] && { echo "local_slurm: $NODES nodes idle ($CONF)"; exit 0; }
+      sleep 0.2
+    done
+    sinfo -N >&2 || true
+    tail -20 "$STATE/log/slurmctld.log" >&2 || true
+    die "nodes did not become idle in 30 s"
+    ;;
+  stop) stop; echo "local_slurm: stopped" ;;
+  status) sinfo -N; squeue ;;
+  *) die "usage: $0 start [NODES] | stop | status" ;;
+esac
