@@ -7,6 +7,7 @@ one of the same shape (``random_init``) or for the raw normalised pixels (``pixe
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -25,8 +26,9 @@ BASELINES = ("", "random_init", "pixels")
 def parse_args(description: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--run-dir", required=True, help="run directory written by jobs/submit.py")
-    ap.add_argument("--baseline", choices=BASELINES[1:], default="",
-                    help="evaluate a random-init encoder or raw pixels instead of the run's encoder")
+    ap.add_argument("--baseline", choices=BASELINES[1:], default=None,
+                    help="evaluate only a random-init encoder or raw pixels (default: the run's "
+                         "encoder, then each of eval.baselines)")
     return ap.parse_args()
 
 
@@ -70,17 +72,40 @@ def extract_features(encoder: torch.nn.Module | None, path: str, cfg: Config, in
     return torch.cat(feats), torch.cat(labels)
 
 
+def cached_features(run: RunDir, cfg: Config, encoder, baseline: str, split: str,
+                    info: dict[str, Any], pooling: str, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of one split, computed once per run and encoder and shared by the evaluations
+    (run/evals/features/); the encoder is frozen, so they never change."""
+    key = f"{baseline or 'pretrained'}-{info['name']}-{split}-{pooling}-{max_samples or 'all'}"
+    path = run.evals / "features" / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    feats = extract_features(encoder, info[split], cfg, info, pooling, max_samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(feats, tmp)
+    os.replace(tmp, path)                 # a concurrent job sees all of it or none of it
+    return feats
+
+
 def split_features(run: RunDir, cfg: Config, baseline: str, pooling: str,
                    max_train: int) -> tuple[torch.Tensor, ...]:
     """(train_f, train_y, val_f, val_y, num_classes) for the evaluation dataset."""
     info = cfg.dataset_info(cfg.eval.dataset)
     encoder = encoder_for(run, cfg, baseline)
     start = time.time()
-    train = extract_features(encoder, info["train"], cfg, info, pooling, max_train)
-    val = extract_features(encoder, info["val"], cfg, info, pooling)
+    train = cached_features(run, cfg, encoder, baseline, "train", info, pooling, max_train)
+    val = cached_features(run, cfg, encoder, baseline, "val", info, pooling, 0)
     print(f"[eval] features {tuple(train[0].shape)} train / {tuple(val[0].shape)} val "
           f"in {time.time() - start:.1f}s", flush=True)
     return (*train, *val, info["num_classes"])
+
+
+def run_all(run_dir: str, baseline: str | None, evaluate) -> dict[str, dict[str, float]]:
+    """Evaluate the run's encoder and then each of ``eval.baselines`` (or just ``baseline``)."""
+    run, cfg = load_run(run_dir)
+    names = [baseline] if baseline is not None else ["", *cfg.eval.baselines]
+    return {name or "pretrained": evaluate(run, cfg, name) for name in names}
 
 
 def child_run(run: RunDir, name: str, baseline: str, params: dict[str, Any]) -> MLflowLogger:

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from evaluation.common import child_run, finish, load_run, parse_args, split_features
+from evaluation.common import child_run, finish, parse_args, run_all, split_features
 
 
 @torch.no_grad()
@@ -42,8 +42,7 @@ def knn_accuracy(train_f, train_y, test_f, test_y, ks, temperature, num_classes)
     return out
 
 
-def main(run_dir: str, baseline: str = "") -> dict[str, float]:
-    run, cfg = load_run(run_dir)
+def evaluate(run, cfg, baseline: str) -> dict[str, float]:
     kc = cfg.eval.knn
     logger = child_run(run, "knn", baseline, {"knn": asdict(kc), "dataset": cfg.eval.dataset or cfg.data.dataset})
     try:
@@ -56,6 +55,10 @@ def main(run_dir: str, baseline: str = "") -> dict[str, float]:
         logger.finish("FAILED")
         raise
     return finish(run, logger, "knn", baseline, metrics)
+
+
+def main(run_dir: str, baseline: str | None = None) -> dict[str, dict[str, float]]:
+    return run_all(run_dir, baseline, evaluate)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from evaluation.common import child_run, finish, load_run, parse_args, split_features
+from evaluation.common import child_run, finish, parse_args, run_all, split_features
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Module:
@@ -62,8 +62,7 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tenso
             "train_loss": loss.item()}
 
 
-def main(run_dir: str, baseline: str = "") -> dict[str, float]:
-    run, cfg = load_run(run_dir)
+def evaluate(run, cfg, baseline: str) -> dict[str, float]:
     lp = cfg.eval.linear_probe
     logger = child_run(run, "linear_probe", baseline,
                        {"linear_probe": asdict(lp), "dataset": cfg.eval.dataset or cfg.data.dataset})
@@ -75,6 +74,10 @@ def main(run_dir: str, baseline: str = "") -> dict[str, float]:
         logger.finish("FAILED")
         raise
     return finish(run, logger, "linear_probe", baseline, metrics)
+
+
+def main(run_dir: str, baseline: str | None = None) -> dict[str, dict[str, float]]:
+    return run_all(run_dir, baseline, evaluate)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,19 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def yaml_load(text_or_stream: Any) -> Any:
+    return yaml.load(text_or_stream, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -189,6 +203,7 @@ class EvalConfig:
     run: list[str] = field(default_factory=lambda: ["knn", "linear_probe"])
     dataset: str = ""                   # "" = the pre-training dataset
     batch_size: int = 256               # feature extraction batch
+    baselines: list[str] = field(default_factory=list)  # also evaluate: random_init, pixels
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
 
@@ -201,6 +216,9 @@ class EvalConfig:
             section, attr = key.split(".")
             value = getattr(getattr(self, section), attr)
             _check(value in ("cls", "mean"), f"eval.{key}", f"{value!r}; choose cls or mean")
+        for name in self.baselines:
+            _check(name in ("random_init", "pixels"), "eval.baselines",
+                   f"unknown baseline {name!r}; choose from ['pixels', 'random_init']")
 
 
 @dataclass
@@ -243,7 +261,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def load_dataset_registry() -> dict[str, dict[str, Any]]:
     path = CONFIG_DIR / "datasets.yaml"
     with open(path) as f:
-        return yaml.safe_load(f)
+        return yaml_load(f)
 
 
 def dataset_info(name: str, root: str) -> dict[str, Any]:
@@ -271,7 +289,7 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "", prefix: str = "
         dotted = f"{prefix}{key}"
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key {dotted!r} ({source}){hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, source)
     return cls(**kwargs)
@@ -307,7 +325,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        data = yaml_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -318,7 +336,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.epochs=5")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml_load(raw) if raw.strip() else ""
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

@@ -89,7 +89,7 @@ class Launcher:
         after_ids = [job.job_id for job in after]
         if self.cluster != "slurm":
             for job in after:
-                job.result()
+                job.results()             # every task's result; raises if one failed
             after_ids = []
         return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs)
 
@@ -104,7 +104,7 @@ class Launcher:
         status = {}
         for name, job in jobs.items():
             try:
-                job.result()
+                job.results()
                 status[name] = "ok"
             except Exception as e:  # noqa: BLE001 - report every failure, keep waiting for others
                 status[name] = f"FAILED: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"

@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrain {status['pretrain']}\nevaluations not started; log: {launcher.log_path(pretrain)}",
               file=sys.stderr)
         return 1
-    evals = {spec.name: launcher.submit(spec) for spec in plan[1:]}
-    status.update(launcher.wait(evals))
+    for spec in plan[1:]:    # one after another: they share the machine and the feature cache
+        status.update(launcher.wait({spec.name: launcher.submit(spec)}))
     for job_name, state in status.items():
         print(f"{job_name:<14} {state}")
     return 0 if all(s == "ok" for s in status.values()) else 1

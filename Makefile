@@ -1,0 +1,28 @@
+# hpc_mim: `make demo` and `make test` work on a fresh Debian 12 machine as root
+# (they install the Debian packages, create .venv and install the pinned stack first).
+PY := .venv/bin/python
+METHOD ?= mae
+PRESET ?= fmnist_tiny
+
+.PHONY: setup data demo test slurm-start slurm-stop clean
+
+setup:
+	bash scripts/setup.sh
+
+data: setup
+	@test -f data/fmnist/train.beton || $(PY) -m data_prep.fashion_mnist --out data/fmnist
+
+demo: data
+	bash scripts/demo.sh $(METHOD) $(PRESET)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+slurm-start: setup
+	bash scripts/local_slurm.sh start 2
+
+slurm-stop:
+	bash scripts/local_slurm.sh stop
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Pre-train METHOD on Fashion-MNIST with local processes, run the chained kNN and linear-probe
+# evaluations (plus the random-init and raw-pixel baselines), and print the comparison table.
+#   bash scripts/demo.sh [METHOD] [PRESET]      (make demo METHOD=mae)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+METHOD=${1:-mae}
+PRESET=${2:-fmnist_tiny}
+NAME=demo-$METHOD-$(date +%Y%m%d-%H%M%S)
+start=$(date +%s)
+.venv/bin/python jobs/submit.py --method "$METHOD" --preset "$PRESET" --cluster local --set "name=$NAME"
+echo
+echo "== $METHOD on Fashion-MNIST ($PRESET), $(( $(date +%s) - start )) s =="
+.venv/bin/python -m evaluation.report --run-dir "runs/$NAME" --json "runs/$NAME/report.json"

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small real Fashion-MNIST conversion and the real local SLURM cluster."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+# FFCV's numba JIT costs 10-20 s per loader; the interpreter path is plenty for a few hundred images.
+os.environ.setdefault("HPC_MIM_FFCV_JIT", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else "python"
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """data.root holding fmnist/{train,val}.beton: the first 512 real images of each split."""
+    from data_prep.fashion_mnist import convert
+    root = tmp_path_factory.mktemp("data")
+    convert(Path("/usr/share/datasets/fashion-mnist"), root / "fmnist", limit=512)
+    return root
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Two pretend nodes on this machine, started by the project's own script."""
+    script = REPO / "scripts" / "local_slurm.sh"
+    subprocess.run(["bash", str(script), "start", "2"], check=True, timeout=120)
+    yield
+    subprocess.run(["bash", str(script), "stop"], check=False, timeout=120)
+
+
+def submit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run jobs/submit.py as a user would."""
+    return subprocess.run([PYTHON, str(REPO / "jobs" / "submit.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def squeue_ids() -> list[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True)
+    return out.stdout.split()

@@ -1,0 +1,85 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hpc_mim.train.checkpoint import CheckpointManager
+
+
+def torch_save_fn(state):
+    def save(folder: Path, tag: str) -> None:
+        (folder / tag).mkdir()
+        torch.save(state, folder / tag / "state.pt")
+    return save
+
+
+def load_fn(folder: Path, tag: str):
+    return torch.load(folder / tag / "state.pt")
+
+
+def test_round_trip_and_keep_last(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    assert mgr.load(load_fn) is None
+    for step in (10, 20, 30):
+        mgr.save(step, torch_save_fn({"step": step, "w": torch.full((3,), float(step))}))
+    assert (tmp_path / "latest").read_text() == "step_00000030"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000020", "step_00000030"]
+    state = mgr.load(load_fn)
+    assert state["step"] == 30 and torch.equal(state["w"], torch.full((3,), 30.0))
+
+
+def test_crash_during_write_keeps_previous_latest(tmp_path):
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    mgr.save(5, torch_save_fn({"step": 5}))
+
+    def crashing(folder: Path, tag: str) -> None:
+        (folder / tag).mkdir()
+        (folder / tag / "half.pt").write_bytes(b"\x00" * 10)
+        raise OSError("node died mid-write")
+
+    with pytest.raises(OSError):
+        mgr.save(10, crashing)
+    assert mgr.latest() == "step_00000005" and mgr.load(load_fn)["step"] == 5
+    mgr.save(15, torch_save_fn({"step": 15}))          # the stale .tmp is cleaned up
+    assert not list(tmp_path.glob("*.tmp"))
+    assert mgr.load(load_fn)["step"] == 15
+
+
+def test_pretrain_resumes_from_latest_checkpoint(tmp_path, data_root):
+    """Real DeepSpeed (ZeRO-2, one process): stop after 6 steps, then continue to 12."""
+    from hpc_mim import tracking
+    from hpc_mim.config import load_config, save_config
+    from hpc_mim.rundir import RunDir
+
+    cfg = load_config("mae", "smoke", overrides=[f"data.root={data_root}", "train.max_steps=6",
+                                                  "checkpoint.every_steps=4", "train.epochs=3"])
+    run = RunDir(tmp_path / "run").create()
+    save_config(cfg, run.config)
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "test")
+    parent = tracking.MLflowLogger.create_run(uri, exp, "pretrain")
+    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+
+    def pretrain():
+        return subprocess.run([sys.executable, "-m", "hpc_mim.train.pretrain", "--run-dir", str(run.root)],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    first = pretrain()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (run.checkpoints / "latest").read_text() == "step_00000006"
+    blob = yaml.safe_load(run.config.read_text())
+    blob["train"]["max_steps"] = 12
+    run.config.write_text(yaml.safe_dump(blob))
+    second = pretrain()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step_00000006 at step 6" in second.stdout
+    assert (run.checkpoints / "latest").read_text() == "step_00000012"
+    assert run.encoder.is_file()
+    # metrics continue in the same MLflow run
+    history = tracking.MlflowClient(uri).get_metric_history(parent.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]

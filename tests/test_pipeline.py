@@ -1,0 +1,86 @@
+"""End to end: jobs/submit.py -> pre-training (DeepSpeed ZeRO-2, 2 processes over gloo) ->
+chained kNN and linear-probe jobs -> MLflow parent + child runs. On the real local SLURM
+cluster (2 pretend nodes, one task each) and with --cluster local."""
+import json
+import re
+import subprocess
+import sys
+import time
+
+from mlflow.tracking import MlflowClient
+
+from conftest import submit
+
+
+def scontrol(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                         check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def check_mlflow(run_dir, evals=("knn", "linear_probe")):
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(tracking["uri"])
+    parent = client.get_run(tracking["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["method.name"] == "mae" and parent.data.params["train.zero_stage"] == "2"
+    assert len(client.get_metric_history(parent.info.run_id, "train/loss")) >= 4
+    children = client.search_runs([tracking["experiment_id"]],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == sorted(evals)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert 10.0 <= child.data.metrics["top1"] <= 100.0     # 10 classes: chance is 10%
+    return by_name
+
+
+def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_root):
+    r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
+               "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=e2e")
+    assert r.returncode == 0, r.stderr
+    ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
+    assert set(ids) == {"pretrain", "knn", "linear_probe"}
+    pre = ids["pretrain"]
+    # the evaluations wait on pre-training in the scheduler itself
+    for name in ("knn", "linear_probe"):
+        info = scontrol(ids[name])
+        assert info["Dependency"].startswith(f"afterok:{pre}"), info["Dependency"]
+        assert info["JobState"] in ("PENDING", "COMPLETED", "RUNNING")
+        if scontrol(pre)["JobState"] in ("PENDING", "RUNNING"):
+            assert info["JobState"] == "PENDING" and info["Reason"] == "Dependency"
+    pre_info = scontrol(pre)
+    assert pre_info["NumNodes"] == "2" and pre_info["NumTasks"] == "2"
+
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        states = {n: scontrol(i)["JobState"] for n, i in ids.items()}
+        if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states.values()):
+            break
+        time.sleep(3)
+    run_dir = tmp_path / "e2e"
+    logs = "\n".join(p.read_text() for p in (run_dir / "jobs").rglob("*_log.*"))
+    assert states == {"pretrain": "COMPLETED", "knn": "COMPLETED", "linear_probe": "COMPLETED"}, logs[-4000:]
+    # evaluations started only after pre-training ended
+    starts = {n: scontrol(i)["StartTime"] for n, i in ids.items()}
+    assert starts["knn"] >= scontrol(pre)["EndTime"] and starts["linear_probe"] >= scontrol(pre)["EndTime"]
+    # two processes, ZeRO-2, gloo; both ranks ran (one log per task)
+    assert "batch 64 = 32 x 2 ranks x 1 accum), ZeRO-2 fp32" in logs
+    assert len(list((run_dir / "jobs" / "pretrain").rglob("*_1_log.out"))) == 1
+    assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoints" / "latest").is_file()
+    check_mlflow(run_dir)
+
+
+def test_local_cluster_pipeline(tmp_path, data_root):
+    r = submit("--method", "mae", "--preset", "smoke", "--cluster", "local", "--tasks-per-node", "2",
+               "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=loc",
+               "--set", "eval.baselines=[pixels]")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"knn\s+ok", r.stdout) and re.search(r"linear_probe\s+ok", r.stdout)
+    run_dir = tmp_path / "loc"
+    children = check_mlflow(run_dir, evals=("knn", "linear_probe", "knn[pixels]", "linear_probe[pixels]"))
+    assert children["knn[pixels]"].data.tags["baseline"] == "pixels"
+    assert json.loads((run_dir / "evals" / "knn.json").read_text())["top1"] > 0
+    report = subprocess.run([sys.executable, "-m", "evaluation.report", "--run-dir", str(run_dir)],
+                            capture_output=True, text=True)
+    assert report.returncode == 0 and "pretrained" in report.stdout and "pixels" in report.stdout

@@ -1,0 +1,39 @@
+"""jobs/submit.py before anything runs: dry-run output and validation, against real SLURM."""
+from pathlib import Path
+
+from conftest import squeue_ids, submit
+
+
+def test_dry_run_prints_plan_and_sbatch_scripts_and_queues_nothing(tmp_path, slurm_cluster):
+    before = squeue_ids()
+    r = submit("--method", "mae", "--nodes", "2", "--dry-run", "--set", f"runs_root={tmp_path}",
+               "--set", "name=dry")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "pretrain" in out and "knn" in out and "linear_probe" in out
+    assert "2 x 1" in out                                    # nodes x tasks of pre-training
+    assert out.count("#!/bin/bash") == 3                     # one sbatch script per job
+    assert "#SBATCH --nodes=2" in out
+    assert out.count("#SBATCH --dependency='afterok:<pretrain job id>'") == 2
+    assert "#SBATCH --signal=USR2@" in out                   # submitit's pre-timeout warning
+    assert not (tmp_path / "dry").exists() and not (tmp_path / "mlflow.db").exists()
+    assert squeue_ids() == before
+
+
+def test_bad_config_fails_before_anything_is_queued(tmp_path, slurm_cluster, data_root):
+    before = squeue_ids()
+    cases = {
+        "train.epochz=3": "train.epochz",
+        "method.mask_ratio=1.0": "method.mask_ratio",
+        "train.micro_batch_size=48": "train.batch_size",
+    }
+    for override, key in cases.items():
+        r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
+                   "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", override)
+        assert r.returncode == 2 and key in r.stderr, (override, r.stderr)
+    r = submit("--method", "mae", "--preset", "smoke", "--cluster", "slurm",
+               "--set", f"data.root={tmp_path / 'nowhere'}", "--set", f"runs_root={tmp_path}")
+    assert r.returncode == 2 and "nowhere/fmnist/train.beton not found" in r.stderr
+    assert "data_prep.fashion_mnist" in r.stderr             # says how to make it
+    assert squeue_ids() == before
+    assert not any(Path(tmp_path).iterdir())
