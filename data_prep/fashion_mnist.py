@@ -67,7 +67,8 @@ class GrayAsRGB:
         return np.repeat(self.images[i][:, :, None], 3, axis=2), int(self.labels[i])
 
 
-def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw") -> dict[str, Path]:
+def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw",
+            max_resolution: int | None = None) -> dict[str, Path]:
     from data_prep.manifest import write_manifest
     from hpc_mim.data.ffcv_io import write_beton
 
@@ -80,9 +81,10 @@ def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw") -> dict[
         path = out / f"{split}.beton"
         start = time.time()
         print(f"[fashion_mnist] {split}: {len(labels)} images -> {path}", flush=True)
-        write_beton(str(path), GrayAsRGB(images, labels), mode=mode)
+        write_beton(str(path), GrayAsRGB(images, labels), max_resolution, mode)
         write_manifest(path, source=str(source), classes=CLASSES, labels=labels.tolist(),
-                       extra={"mode": mode, "resolution": 28, "seconds": round(time.time() - start, 1)})
+                       extra={"mode": mode, "max_resolution": max_resolution,
+                              "seconds": round(time.time() - start, 1)})
         written[split] = path
     return written
 
@@ -92,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", type=Path, default=Path(DEFAULT_SOURCE), help="folder with the IDX files")
     ap.add_argument("--out", type=Path, default=Path("data/fmnist"))
     ap.add_argument("--limit", type=int, default=0, help="first N images per split (0 = all)")
-    ap.add_argument("--mode", choices=["raw", "jpg"], default="raw")
+    ap.add_argument("--mode", choices=["raw", "jpg"], default="raw", help="raw is bit-exact")
+    ap.add_argument("--max-resolution", type=int, default=None, help="downscale the longest side to this")
     args = ap.parse_args(argv)
     try:
-        convert(args.source, args.out, args.limit, args.mode)
+        convert(args.source, args.out, args.limit, args.mode, args.max_resolution)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -10,7 +10,8 @@ import argparse
 import os
 import time
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -53,59 +54,86 @@ def encoder_for(run: RunDir, cfg: Config, baseline: str) -> torch.nn.Module | No
 
 
 @torch.no_grad()
-def extract_features(encoder: torch.nn.Module | None, path: str, cfg: Config, info: dict[str, Any],
-                     pooling: str, max_samples: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) and labels (N,) of a split, center-cropped, without augmentation."""
+def extract_features(encoders: dict[str, torch.nn.Module | None], path: str, cfg: Config,
+                     info: dict[str, Any], pooling: str,
+                     max_samples: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features (N, D) and labels (N,) of a split for several encoders in one pass over the data
+    (center crop, no augmentation). An encoder of None means the raw normalised pixels."""
     dev = device()
     loader = build_loader(path, cfg.eval.batch_size, cfg.model.img_size, info["mean"], info["std"],
                           train=False, eval_crop_ratio=info.get("eval_crop_ratio", 1.0),
                           num_workers=cfg.data.num_workers, max_samples=max_samples, device=dev)
-    if encoder is not None:
-        encoder = encoder.to(dev).eval()
-    feats, labels = [], []
+    for encoder in encoders.values():
+        if encoder is not None:
+            encoder.to(dev).eval()
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    labels = []
     for batch in iterate(loader):
         x = batch["image"].to(dev)
-        f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling)
-        # clone: FFCV recycles its batch buffers, so a kept view would be overwritten
-        feats.append(f.float().cpu().clone())
+        for name, encoder in encoders.items():
+            f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling)
+            # clone: FFCV recycles its batch buffers, so a kept view would be overwritten
+            feats[name].append(f.float().cpu().clone())
         labels.append(batch["label"].cpu().clone())
-    return torch.cat(feats), torch.cat(labels)
+    y = torch.cat(labels)
+    return {name: (torch.cat(f), y) for name, f in feats.items()}
 
 
-def cached_features(run: RunDir, cfg: Config, encoder, baseline: str, split: str,
-                    info: dict[str, Any], pooling: str, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of one split, computed once per run and encoder and shared by the evaluations
-    (run/evals/features/); the encoder is frozen, so they never change."""
-    key = f"{baseline or 'pretrained'}-{info['name']}-{split}-{pooling}-{max_samples or 'all'}"
-    path = run.evals / "features" / f"{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    feats = extract_features(encoder, info[split], cfg, info, pooling, max_samples)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(feats, tmp)
-    os.replace(tmp, path)                 # a concurrent job sees all of it or none of it
-    return feats
+def cached_features(run: RunDir, cfg: Config, baselines: list[str], split: str, info: dict[str, Any],
+                    pooling: str, max_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features of one split per encoder, computed once per run and shared by the evaluations
+    (run/evals/features/): the encoders are frozen, so they never change."""
+    def path(baseline: str) -> Path:
+        key = f"{baseline or 'pretrained'}-{info['name']}-{split}-{pooling}-{max_samples or 'all'}"
+        return run.evals / "features" / f"{key}.pt"
+
+    missing = [b for b in baselines if not path(b).is_file()]
+    if missing:
+        encoders = {b: encoder_for(run, cfg, b) for b in missing}
+        for b, feats in extract_features(encoders, info[split], cfg, info, pooling, max_samples).items():
+            path(b).parent.mkdir(parents=True, exist_ok=True)
+            tmp = path(b).with_name(f".{path(b).name}.tmp{os.getpid()}")
+            torch.save(feats, tmp)
+            os.replace(tmp, path(b))      # a concurrent job sees all of it or none of it
+    return {b: torch.load(path(b), weights_only=True) for b in baselines}
 
 
-def split_features(run: RunDir, cfg: Config, baseline: str, pooling: str,
-                   max_train: int) -> tuple[torch.Tensor, ...]:
-    """(train_f, train_y, val_f, val_y, num_classes) for the evaluation dataset."""
+def split_features(run: RunDir, cfg: Config, baselines: list[str], pooling: str,
+                   max_train: int) -> dict[str, tuple]:
+    """Per encoder: (train_f, train_y, val_f, val_y, num_classes) of the evaluation dataset."""
     info = cfg.dataset_info(cfg.eval.dataset)
-    encoder = encoder_for(run, cfg, baseline)
     start = time.time()
-    train = cached_features(run, cfg, encoder, baseline, "train", info, pooling, max_train)
-    val = cached_features(run, cfg, encoder, baseline, "val", info, pooling, 0)
-    print(f"[eval] features {tuple(train[0].shape)} train / {tuple(val[0].shape)} val "
+    train = cached_features(run, cfg, baselines, "train", info, pooling, max_train)
+    val = cached_features(run, cfg, baselines, "val", info, pooling, 0)
+    shapes = ", ".join(f"{b or 'pretrained'} {tuple(train[b][0].shape)}" for b in baselines)
+    print(f"[eval] train features {shapes}; {len(val[baselines[0]][1])} val "
           f"in {time.time() - start:.1f}s", flush=True)
-    return (*train, *val, info["num_classes"])
+    return {b: (*train[b], *val[b], info["num_classes"]) for b in baselines}
 
 
-def run_all(run_dir: str, baseline: str | None, evaluate) -> dict[str, dict[str, float]]:
-    """Evaluate the run's encoder and then each of ``eval.baselines`` (or just ``baseline``)."""
+Compute = Callable[..., dict[str, float]]   # (train_f, train_y, val_f, val_y, classes, section)
+
+
+def run_all(run_dir: str, name: str, baseline: str | None, compute: Compute) -> dict[str, dict[str, float]]:
+    """Evaluation ``name`` of the run's encoder and each of ``eval.baselines`` (or just
+    ``baseline``): one MLflow child run each, features from one shared pass over the data,
+    ``compute``'s metrics logged and written to run/evals/. Unfinished child runs are marked
+    FAILED on any error."""
     run, cfg = load_run(run_dir)
-    names = [baseline] if baseline is not None else ["", *cfg.eval.baselines]
-    return {name or "pretrained": evaluate(run, cfg, name) for name in names}
+    section = getattr(cfg.eval, name)
+    baselines = [baseline] if baseline is not None else ["", *cfg.eval.baselines]
+    params = {name: asdict(section), "dataset": cfg.eval.dataset or cfg.data.dataset}
+    loggers = {b: child_run(run, name, b, params) for b in baselines}
+    results: dict[str, dict[str, float]] = {}
+    try:
+        feats = split_features(run, cfg, baselines, section.pooling, section.max_train_samples)
+        for b in baselines:
+            results[b or "pretrained"] = finish(run, loggers.pop(b), name, b, compute(*feats[b], section))
+    except BaseException:
+        for logger in loggers.values():
+            logger.finish("FAILED")
+        raise
+    return results
 
 
 def child_run(run: RunDir, name: str, baseline: str, params: dict[str, Any]) -> MLflowLogger:

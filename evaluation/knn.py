@@ -8,12 +8,10 @@ whose labels vote with weight exp(sim / T), T = 0.07.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 import torch.nn.functional as F
 
-from evaluation.common import child_run, finish, parse_args, run_all, split_features
+from evaluation.common import parse_args, run_all
 
 
 @torch.no_grad()
@@ -42,23 +40,14 @@ def knn_accuracy(train_f, train_y, test_f, test_y, ks, temperature, num_classes)
     return out
 
 
-def evaluate(run, cfg, baseline: str) -> dict[str, float]:
-    kc = cfg.eval.knn
-    logger = child_run(run, "knn", baseline, {"knn": asdict(kc), "dataset": cfg.eval.dataset or cfg.data.dataset})
-    try:
-        train_f, train_y, val_f, val_y, classes = split_features(run, cfg, baseline, kc.pooling,
-                                                                 kc.max_train_samples)
-        metrics = knn_accuracy(train_f, train_y, val_f, val_y, kc.ks, kc.temperature, classes)
-        best = 20 if 20 in kc.ks else kc.ks[0]
-        metrics["top1"] = metrics[f"knn_top1_k{best}"]
-    except BaseException:
-        logger.finish("FAILED")
-        raise
-    return finish(run, logger, "knn", baseline, metrics)
+def compute(train_f, train_y, val_f, val_y, num_classes: int, kc) -> dict[str, float]:
+    metrics = knn_accuracy(train_f, train_y, val_f, val_y, kc.ks, kc.temperature, num_classes)
+    metrics["top1"] = metrics[f"knn_top1_k{20 if 20 in kc.ks else kc.ks[0]}"]  # k=20: DINO's usual best
+    return metrics
 
 
 def main(run_dir: str, baseline: str | None = None) -> dict[str, dict[str, float]]:
-    return run_all(run_dir, baseline, evaluate)
+    return run_all(run_dir, "knn", baseline, compute)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ frozen encoder would cost one encoder pass per epoch for a small gain.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from evaluation.common import child_run, finish, parse_args, run_all, split_features
+from evaluation.common import parse_args, run_all
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Module:
@@ -62,22 +60,8 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tenso
             "train_loss": loss.item()}
 
 
-def evaluate(run, cfg, baseline: str) -> dict[str, float]:
-    lp = cfg.eval.linear_probe
-    logger = child_run(run, "linear_probe", baseline,
-                       {"linear_probe": asdict(lp), "dataset": cfg.eval.dataset or cfg.data.dataset})
-    try:
-        train_f, train_y, val_f, val_y, classes = split_features(run, cfg, baseline, lp.pooling,
-                                                                 lp.max_train_samples)
-        metrics = train_probe(train_f, train_y, val_f, val_y, classes, lp, cfg.train.seed)
-    except BaseException:
-        logger.finish("FAILED")
-        raise
-    return finish(run, logger, "linear_probe", baseline, metrics)
-
-
 def main(run_dir: str, baseline: str | None = None) -> dict[str, dict[str, float]]:
-    return run_all(run_dir, baseline, evaluate)
+    return run_all(run_dir, "linear_probe", baseline, train_probe)
 
 
 if __name__ == "__main__":

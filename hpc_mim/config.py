@@ -208,10 +208,11 @@ class EvalConfig:
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
 
     def validate(self) -> None:
-        from evaluation import EVALUATIONS
+        # every evaluation has its own section here, so the section names are the valid names
+        names = sorted(k for k, tp in typing.get_type_hints(type(self)).items()
+                       if dataclasses.is_dataclass(tp))
         for name in self.run:
-            _check(name in EVALUATIONS, "eval.run",
-                   f"unknown evaluation {name!r}; choose from {sorted(EVALUATIONS)}")
+            _check(name in names, "eval.run", f"unknown evaluation {name!r}; choose from {names}")
         for key in ("knn.pooling", "linear_probe.pooling"):
             section, attr = key.split(".")
             value = getattr(getattr(self, section), attr)
@@ -270,7 +271,7 @@ def dataset_info(name: str, root: str) -> dict[str, Any]:
         raise ConfigError(f"data.dataset: unknown dataset {name!r}; configs/datasets.yaml has "
                           f"{sorted(registry)}")
     info = dict(registry[name], name=name)
-    base = Path(root) if Path(root).is_absolute() else REPO_ROOT / root
+    base = Path(root).resolve()             # relative to the current directory
     for split in ("train", "val"):
         info[split] = str(base / info[split])
     return info

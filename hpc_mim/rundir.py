@@ -5,7 +5,8 @@
       tracking.json      MLflow tracking URI, experiment id and the parent (pre-training) run id
       checkpoints/       DeepSpeed checkpoints: step_<n>/ folders + an atomic ``latest`` pointer
       encoder.pt         exported encoder weights + model config (what evaluations load)
-      evals/<name>.json  each evaluation's final metrics
+      evals/<name>.json  each evaluation's final metrics (evals/features/: cached frozen features)
+      logs/pretrain.log  rank 0's progress lines
       jobs/              submitit folders: sbatch scripts, logs, pickled results
 
 Evaluations need nothing but this folder: they rebuild the encoder from ``encoder.pt``.
@@ -43,9 +44,11 @@ class RunDir:
     encoder = property(lambda self: self.root / "encoder.pt")
     evals = property(lambda self: self.root / "evals")
     jobs = property(lambda self: self.root / "jobs")
+    logs = property(lambda self: self.root / "logs")
+    pretrain_log = property(lambda self: self.root / "logs" / "pretrain.log")
 
     def create(self) -> "RunDir":
-        for folder in (self.root, self.checkpoints, self.evals, self.jobs):
+        for folder in (self.root, self.checkpoints, self.evals, self.jobs, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -76,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.method, args.preset, args.config, args.set + flag_overrides(args))
-        name = cfg.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = Path(cfg.runs_root).resolve() / name
+        cfg.name = cfg.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # jobs may start in another directory: the run's config carries absolute paths
+        cfg.runs_root, cfg.data.root = str(Path(cfg.runs_root).resolve()), str(Path(cfg.data.root).resolve())
+        run_dir = Path(cfg.runs_root) / cfg.name
         plan = build_plan(cfg, str(run_dir))
         if not args.dry_run:
             check_inputs(cfg, run_dir)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     uri = cfg.tracking.uri or tracking.default_uri(run_dir.parent)
     # The submitting process creates the store first: concurrent creation corrupts sqlite.
     experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
-    parent = tracking.MLflowLogger.create_run(uri, experiment, name,
+    parent = tracking.MLflowLogger.create_run(uri, experiment, cfg.name,
                                               tags={"method": cfg.method.name, "run_dir": str(run_dir)})
     parent.log_params(cfg.to_dict())
     run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": parent.run_id})

@@ -10,6 +10,29 @@ import yaml
 from hpc_mim.train.checkpoint import CheckpointManager
 
 
+def make_run(tmp_path: Path, overrides: list[str]):
+    """A run directory as jobs/submit.py leaves it (config, MLflow parent run, tracking.json)."""
+    from hpc_mim import tracking
+    from hpc_mim.config import load_config, save_config
+    from hpc_mim.rundir import RunDir
+
+    cfg = load_config("mae", "smoke", overrides=overrides)
+    run = RunDir(tmp_path / "run").create()
+    save_config(cfg, run.config)
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "test")
+    parent = tracking.MLflowLogger.create_run(uri, exp, "pretrain")
+    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
+    return run, uri, parent.run_id
+
+
+def pretrain(run) -> subprocess.CompletedProcess:
+    """The pre-training entry point as a single process (no launcher variables)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    return subprocess.run([sys.executable, "-m", "hpc_mim.train.pretrain", "--run-dir", str(run.root)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
 def torch_save_fn(state):
     def save(folder: Path, tag: str) -> None:
         (folder / tag).mkdir()
@@ -51,35 +74,35 @@ def test_crash_during_write_keeps_previous_latest(tmp_path):
 
 def test_pretrain_resumes_from_latest_checkpoint(tmp_path, data_root):
     """Real DeepSpeed (ZeRO-2, one process): stop after 6 steps, then continue to 12."""
-    from hpc_mim import tracking
-    from hpc_mim.config import load_config, save_config
-    from hpc_mim.rundir import RunDir
+    from hpc_mim.tracking import MlflowClient
 
-    cfg = load_config("mae", "smoke", overrides=[f"data.root={data_root}", "train.max_steps=6",
-                                                  "checkpoint.every_steps=4", "train.epochs=3"])
-    run = RunDir(tmp_path / "run").create()
-    save_config(cfg, run.config)
-    uri = tracking.default_uri(tmp_path)
-    exp = tracking.ensure_experiment(uri, "test")
-    parent = tracking.MLflowLogger.create_run(uri, exp, "pretrain")
-    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
-
-    def pretrain():
-        return subprocess.run([sys.executable, "-m", "hpc_mim.train.pretrain", "--run-dir", str(run.root)],
-                              capture_output=True, text=True, env=env, timeout=300)
-
-    first = pretrain()
+    run, uri, run_id = make_run(tmp_path, [f"data.root={data_root}", "train.max_steps=6",
+                                           "checkpoint.every_steps=4", "train.epochs=3"])
+    first = pretrain(run)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run.checkpoints / "latest").read_text() == "step_00000006"
     blob = yaml.safe_load(run.config.read_text())
     blob["train"]["max_steps"] = 12
     run.config.write_text(yaml.safe_dump(blob))
-    second = pretrain()
+    second = pretrain(run)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step_00000006 at step 6" in second.stdout
     assert (run.checkpoints / "latest").read_text() == "step_00000012"
     assert run.encoder.is_file()
     # metrics continue in the same MLflow run
-    history = tracking.MlflowClient(uri).get_metric_history(parent.run_id, "train/loss")
+    history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_exported_encoder_is_complete_for_zero_stages(tmp_path, data_root, stage):
+    """ZeRO-3 partitions parameters: the export must gather them (an ungathered copy is empty)."""
+    from hpc_mim.models import load_encoder
+
+    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", "train.max_steps=2",
+                                    f"train.zero_stage={stage}"])
+    r = pretrain(run)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"ZeRO-{stage}" in r.stdout
+    encoder = load_encoder(run.encoder)                  # strict: every shape must match
+    assert encoder(torch.randn(2, 3, 28, 28)).shape == (2, 50, 32)

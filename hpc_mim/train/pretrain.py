@@ -26,8 +26,8 @@ def main(run_dir: str) -> dict[str, float]:
             trainer.logger.finish("FAILED")
         raise
     if trainer.logger:
-        trainer.logger.log_artifact(run.config)
-        trainer.logger.log_artifact(run.encoder)
+        for artifact in (run.config, run.encoder, run.pretrain_log):
+            trainer.logger.log_artifact(artifact)
         trainer.logger.finish("FINISHED")
     return metrics
 

@@ -83,6 +83,7 @@ class Trainer:
                                       self.env.is_main, barrier=dist.barrier)
         self.logger = None
         if self.env.is_main:
+            run.logs.mkdir(parents=True, exist_ok=True)
             tracking = run.read_tracking()
             self.logger = MLflowLogger(tracking["uri"], tracking["run_id"])
 
@@ -130,8 +131,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ pieces
     def log(self, message: str) -> None:
+        """Progress line on stdout and in run/logs/pretrain.log (an MLflow artifact at the end)."""
         if self.env.is_main:
-            print(f"[pretrain] {message}", flush=True)
+            line = f"[pretrain] {message}"
+            print(line, flush=True)
+            with open(self.run.pretrain_log, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
     def log_metrics(self, sums: dict[str, float], step: int, epoch: int, img_s: float,
                     every: int) -> dict[str, float]:
