@@ -91,8 +91,8 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         epoch, skip, step = self.resume()
         t = self.cfg.train
-        sums: dict[str, float] = defaultdict(float)
-        tic, seen, last = time.time(), 0, {}
+        sums: dict[str, float] = defaultdict(float)       # loss terms summed over the window
+        tic, seen, window, last = time.time(), 0, 0, {}
         self.log(f"start: {self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {t.batch_size}"
                  f" = {t.micro_batch_size} x {self.env.world_size} ranks x {self.accum} accum), "
                  f"ZeRO-{t.zero_stage} {t.precision}, lr {self.lr:.3g}, {self.threads} threads/rank")
@@ -113,14 +113,14 @@ class Trainer:
                 seen += batch["image"].shape[0] * self.env.world_size
                 if (micro + 1) % self.accum:
                     continue
-                step += 1
+                step, window = step + 1, window + 1
                 self.engine.module.on_optimizer_step(step / self.total_steps)
                 if not math.isfinite(sums["loss"]):
                     raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}): "
                                              + ", ".join(f"{k}={v:.4g}" for k, v in sums.items()))
                 if step % t.log_every == 0 or step == self.total_steps:
-                    last = self.log_metrics(sums, step, epoch, seen / (time.time() - tic), t.log_every)
-                    sums, tic, seen = defaultdict(float), time.time(), 0
+                    last = self.log_metrics(sums, window, step, epoch, seen / (time.time() - tic))
+                    sums, tic, seen, window = defaultdict(float), time.time(), 0, 0
                 epoch_done = micro + 1 == self.steps_per_epoch * self.accum
                 if step % self.cfg.checkpoint.every_steps == 0 and not epoch_done and step < self.total_steps:
                     self.save(epoch, micro + 1, step)    # the epoch-end save below covers the rest
@@ -138,19 +138,20 @@ class Trainer:
             with open(self.run.pretrain_log, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
-    def log_metrics(self, sums: dict[str, float], step: int, epoch: int, img_s: float,
-                    every: int) -> dict[str, float]:
+    def log_metrics(self, sums: dict[str, float], window: int, step: int, epoch: int,
+                    img_s: float) -> dict[str, float]:
+        """Mean of each loss term over the last ``window`` steps and all ranks, to MLflow."""
         names = sorted(sums)
         values = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        dist.all_reduce(values)                  # mean over ranks (every rank logs at the same step)
-        n = every if step % every == 0 else (step % every)
-        metrics = {f"train/{k}": v / (self.env.world_size * n) for k, v in zip(names, values.tolist())}
+        dist.all_reduce(values)                  # every rank logs at the same steps
+        metrics = {f"train/{k}": v / (self.env.world_size * window) for k, v in zip(names, values.tolist())}
         metrics.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
                         "train/img_per_s": img_s})
         if self.logger:
             self.logger.log_metrics(metrics, step)
+            eta = (self.total_steps - step) * self.cfg.train.batch_size / max(img_s, 1e-9)
             self.log(f"epoch {epoch} step {step}/{self.total_steps} loss {metrics['train/loss']:.4f} "
-                     f"lr {metrics['train/lr']:.3g} {img_s:.0f} img/s")
+                     f"lr {metrics['train/lr']:.3g} {img_s:.0f} img/s eta {eta / 60:.1f} min")
         return metrics
 
     def save(self, epoch: int, micro: int, step: int) -> None:
