@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import submitit
 
@@ -35,6 +36,14 @@ def run_entry(entry: str, kwargs: dict[str, Any]) -> Any:
                 master_port=port_for_job(job.job_id)).export()
     module, func = entry.split(":")
     return getattr(importlib.import_module(module), func)(**kwargs)
+
+
+def failure_reason(error: Exception) -> str:
+    """The job's own exception line (``ValueError: ...``) out of submitit's error text, which
+    wraps the remote traceback between log paths."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", line)]
+    return raised[-1] if raised else (lines[0] if lines and lines[0] else repr(error))
 
 
 def resolve_cluster(cluster: str) -> str:
@@ -83,31 +92,33 @@ class Launcher:
             self.cluster = saved
         return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
-    def submit(self, spec: JobSpec, after: list[submitit.Job] = ()) -> submitit.Job:
-        """Queue one job. On SLURM the dependency is left to the scheduler (afterok); locally
-        we wait here for the jobs it depends on and raise if one failed."""
-        after_ids = [job.job_id for job in after]
-        if self.cluster != "slurm":
-            for job in after:
-                job.results()             # every task's result; raises if one failed
-            after_ids = []
+    def submit(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Job:
         return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs)
 
     def submit_plan(self, plan: list[JobSpec]) -> dict[str, submitit.Job]:
+        """SLURM: queue every job now; the scheduler holds each until its dependencies succeed."""
         jobs: dict[str, submitit.Job] = {}
         for spec in plan:
-            jobs[spec.name] = self.submit(spec, [jobs[name] for name in spec.after])
+            jobs[spec.name] = self.submit(spec, [jobs[name].job_id for name in spec.after])
         return jobs
 
-    def wait(self, jobs: dict[str, submitit.Job]) -> dict[str, str]:
-        """Block until every job ends; job name -> "ok" or the error (local and debug runs)."""
-        status = {}
-        for name, job in jobs.items():
+    def run_plan(self, plan: list[JobSpec],
+                 on_start: Callable[[JobSpec, submitit.Job], None] = lambda spec, job: None) -> dict[str, str]:
+        """Local / debug: run the jobs one after another (they share this machine), each only if
+        the jobs it depends on succeeded. Returns job name -> "ok" or what went wrong."""
+        status: dict[str, str] = {}
+        for spec in plan:
+            failed = [name for name in spec.after if status.get(name) != "ok"]
+            if failed:
+                status[spec.name] = f"not started: {', '.join(failed)} did not succeed"
+                continue
+            job = self.submit(spec)
+            on_start(spec, job)
             try:
-                job.results()
-                status[name] = "ok"
-            except Exception as e:  # noqa: BLE001 - report every failure, keep waiting for others
-                status[name] = f"FAILED: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+                job.results()             # every task's result; raises if one failed
+                status[spec.name] = "ok"
+            except Exception as e:  # noqa: BLE001 - report the failure, go on with the others
+                status[spec.name] = f"FAILED: {failure_reason(e)} (log {self.log_path(job)})"
         return status
 
     @staticmethod

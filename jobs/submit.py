@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     save_config(cfg, run.config)
     uri = cfg.tracking.uri or tracking.default_uri(run_dir.parent)
     # The submitting process creates the store first: concurrent creation corrupts sqlite.
-    experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, run_dir.parent / "mlartifacts")
+    # artifacts next to a local store; a tracking server keeps its own artifact store
+    artifacts = run_dir.parent / "mlartifacts" if uri.startswith("sqlite:") else None
+    experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, artifacts)
     parent = tracking.MLflowLogger.create_run(uri, experiment, cfg.name,
                                               tags={"method": cfg.method.name, "run_dir": str(run_dir)})
     parent.log_params(cfg.to_dict())
@@ -125,20 +127,12 @@ def main(argv: list[str] | None = None) -> int:
               f"\n        mlflow ui --backend-store-uri {uri}")
         return 0
 
-    # local / debug: run pre-training, then the evaluations, and wait for all of them
-    pretrain = launcher.submit(plan[0])
-    print(f"running pretrain (log {launcher.log_path(pretrain)})", flush=True)
-    status = launcher.wait({"pretrain": pretrain})
-    if status["pretrain"] != "ok":
-        print(f"pretrain {status['pretrain']}\nevaluations not started; log: {launcher.log_path(pretrain)}",
-              file=sys.stderr)
-        return 1
-    for spec in plan[1:]:    # one after another: they share the machine and the feature cache
-        status.update(launcher.wait({spec.name: launcher.submit(spec)}))
+    # local / debug: run pre-training, then the evaluations, here and now
+    status = launcher.run_plan(plan, lambda spec, job: print(
+        f"running {spec.name} (log {launcher.log_path(job)})", flush=True))
     for job_name, state in status.items():
         print(f"{job_name:<14} {state}")
     return 0 if all(s == "ok" for s in status.values()) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -84,3 +84,17 @@ def test_local_cluster_pipeline(tmp_path, data_root):
     report = subprocess.run([sys.executable, "-m", "evaluation.report", "--run-dir", str(run_dir)],
                             capture_output=True, text=True)
     assert report.returncode == 0 and "pretrained" in report.stdout and "pixels" in report.stdout
+
+
+def test_local_failed_pretraining_starts_no_evaluation(tmp_path, data_root):
+    # 16 images cannot fill one batch of 64: pre-training fails in the job, after submission
+    r = submit("--method", "mae", "--preset", "smoke", "--cluster", "local",
+               "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=bad",
+               "--set", "data.max_train_samples=16")
+    assert r.returncode == 1
+    assert re.search(r"pretrain\s+FAILED: .*fewer than one optimizer step", r.stdout), r.stdout[-2000:]
+    assert re.search(r"knn\s+not started: pretrain did not succeed", r.stdout)
+    assert not (tmp_path / "bad" / "evals" / "knn.json").exists()
+    tracking = json.loads((tmp_path / "bad" / "tracking.json").read_text())
+    parent = MlflowClient(tracking["uri"]).get_run(tracking["run_id"])
+    assert parent.info.status == "FAILED" and "fewer than one optimizer step" in parent.data.tags["error"]

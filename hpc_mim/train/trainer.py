@@ -40,8 +40,10 @@ def set_rng_state(state: dict) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run: RunDir, env: DistEnv | None = None) -> None:
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: Config, run: RunDir, env: DistEnv | None = None,
+                 logger: MLflowLogger | None = None) -> None:
+        """``logger``: rank 0's MLflow run (None on the other ranks)."""
+        self.cfg, self.run, self.logger = cfg, run, logger
         self.env = env or detect()
         self.threads = set_threads(self.env)
         cuda = torch.cuda.is_available()
@@ -81,11 +83,7 @@ class Trainer:
 
         self.ckpt = CheckpointManager(run.checkpoints, cfg.checkpoint.keep_last,
                                       self.env.is_main, barrier=dist.barrier)
-        self.logger = None
-        if self.env.is_main:
-            run.logs.mkdir(parents=True, exist_ok=True)
-            tracking = run.read_tracking()
-            self.logger = MLflowLogger(tracking["uri"], tracking["run_id"])
+        run.logs.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
