@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +68,7 @@ class GrayAsRGB:
 
 def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw",
             max_resolution: int | None = None) -> dict[str, Path]:
-    from data_prep.manifest import write_manifest
-    from hpc_mim.data.ffcv_io import write_beton
+    from data_prep.manifest import write_split
 
     out.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -79,12 +77,8 @@ def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw",
         if limit:
             images, labels = images[:limit], labels[:limit]
         path = out / f"{split}.beton"
-        start = time.time()
-        print(f"[fashion_mnist] {split}: {len(labels)} images -> {path}", flush=True)
-        write_beton(str(path), GrayAsRGB(images, labels), max_resolution, mode)
-        write_manifest(path, source=str(source), classes=CLASSES, labels=labels.tolist(),
-                       extra={"mode": mode, "max_resolution": max_resolution,
-                              "seconds": round(time.time() - start, 1)})
+        write_split(path, GrayAsRGB(images, labels), source=str(source), classes=CLASSES,
+                    labels=labels.tolist(), max_resolution=max_resolution, mode=mode)
         written[split] = path
     return written
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +50,7 @@ class ImageFolderSamples:
 
 def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None, mode: str,
             num_workers: int) -> dict[str, Path]:
-    from data_prep.manifest import write_manifest
-    from hpc_mim.data.ffcv_io import write_beton
+    from data_prep.manifest import write_split
 
     out.mkdir(parents=True, exist_ok=True)
     classes: list[str] | None = None
@@ -60,12 +58,9 @@ def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None,
     for split in splits:
         samples, classes = scan(src / split, classes)
         path = out / f"{split}.beton"
-        start = time.time()
-        print(f"[image_folder] {split}: {len(samples)} images, {len(classes)} classes -> {path}", flush=True)
-        write_beton(str(path), ImageFolderSamples(samples), max_resolution, mode, num_workers=num_workers)
-        write_manifest(path, source=str(src / split), classes=classes, labels=[y for _, y in samples],
-                       extra={"mode": mode, "max_resolution": max_resolution,
-                              "seconds": round(time.time() - start, 1)})
+        write_split(path, ImageFolderSamples(samples), source=str(src / split), classes=classes,
+                    labels=[y for _, y in samples], max_resolution=max_resolution, mode=mode,
+                    num_workers=num_workers)
         written[split] = path
     return written
 

@@ -1,4 +1,4 @@
-"""The manifest written next to every converted file: counts, classes, checksum."""
+"""Writing one converted split: the .beton file and its manifest (counts, classes, checksum)."""
 from __future__ import annotations
 
 import hashlib
@@ -31,3 +31,16 @@ def write_manifest(beton: Path, *, source: str, classes: list[str], labels: list
     out = beton.with_suffix(".json")
     out.write_text(json.dumps(manifest, indent=2))
     return out
+
+
+def write_split(path: Path, dataset: Any, *, source: str, classes: list[str], labels: list[int],
+                max_resolution: int | None, mode: str, num_workers: int = 2) -> Path:
+    """``dataset[i] -> (HWC uint8 RGB, label)`` to ``path`` (.beton), then ``path``.json."""
+    from hpc_mim.data.ffcv_io import write_beton
+
+    start = time.time()
+    print(f"[data_prep] {len(labels)} images, {len(classes)} classes -> {path}", flush=True)
+    write_beton(str(path), dataset, max_resolution, mode, num_workers=num_workers)
+    return write_manifest(path, source=source, classes=classes, labels=labels,
+                          extra={"mode": mode, "max_resolution": max_resolution,
+                                 "seconds": round(time.time() - start, 1)})
