@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.manifest import run_cli, write_split
+
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
            "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -68,7 +70,6 @@ class GrayAsRGB:
 
 def convert(source: Path, out: Path, limit: int = 0, mode: str = "raw",
             max_resolution: int | None = None) -> dict[str, Path]:
-    from data_prep.manifest import write_split
 
     out.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -91,12 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["raw", "jpg"], default="raw", help="raw is bit-exact")
     ap.add_argument("--max-resolution", type=int, default=None, help="downscale the longest side to this")
     args = ap.parse_args(argv)
-    try:
-        convert(args.source, args.out, args.limit, args.mode, args.max_resolution)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: convert(args.source, args.out, args.limit, args.mode, args.max_resolution))
 
 
 if __name__ == "__main__":

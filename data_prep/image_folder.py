@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep.manifest import run_cli, write_split
+
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -50,7 +52,6 @@ class ImageFolderSamples:
 
 def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None, mode: str,
             num_workers: int) -> dict[str, Path]:
-    from data_prep.manifest import write_split
 
     out.mkdir(parents=True, exist_ok=True)
     classes: list[str] | None = None
@@ -74,12 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=["raw", "jpg"], default="jpg")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
-    try:
-        convert(args.src, args.out, args.splits, args.max_resolution, args.mode, args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: convert(args.src, args.out, args.splits, args.max_resolution, args.mode,
+                                   args.workers))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -44,3 +45,13 @@ def write_split(path: Path, dataset: Any, *, source: str, classes: list[str], la
     return write_manifest(path, source=source, classes=classes, labels=labels,
                           extra={"mode": mode, "max_resolution": max_resolution,
                                  "seconds": round(time.time() - start, 1)})
+
+
+def run_cli(convert: Callable[[], Any]) -> int:
+    """Run a converter; a missing or malformed input is one line on stderr and exit code 1."""
+    try:
+        convert()
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -21,13 +21,13 @@ from hpc_mim.models import build_encoder, load_encoder
 from hpc_mim.rundir import RunDir
 from hpc_mim.tracking import MLflowLogger
 
-BASELINES = ("", "random_init", "pixels")
+BASELINES = ("random_init", "pixels")
 
 
 def parse_args(description: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--run-dir", required=True, help="run directory written by jobs/submit.py")
-    ap.add_argument("--baseline", choices=BASELINES[1:], default=None,
+    ap.add_argument("--baseline", choices=BASELINES, default=None,
                     help="evaluate only a random-init encoder or raw pixels (default: the run's "
                          "encoder, then each of eval.baselines)")
     return ap.parse_args()

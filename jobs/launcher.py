@@ -60,21 +60,24 @@ class Launcher:
         self.folder = Path(folder)
         self.partition = partition
 
+    def slurm_executor(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.SlurmExecutor:
+        ex = submitit.SlurmExecutor(folder=self.folder / spec.name / "%j")
+        params: dict[str, Any] = dict(
+            job_name=f"hpc_mim-{spec.name}", nodes=spec.nodes, ntasks_per_node=spec.tasks_per_node,
+            cpus_per_task=spec.cpus_per_task, time=spec.time_min)
+        if spec.gpus_per_node:
+            params["gpus_per_node"] = spec.gpus_per_node
+        if self.partition:
+            params["partition"] = self.partition
+        if after_ids:
+            params["additional_parameters"] = {"dependency": "afterok:" + ":".join(after_ids)}
+        ex.update_parameters(**params)
+        return ex
+
     def executor(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Executor:
         folder = self.folder / spec.name / "%j"
         if self.cluster == "slurm":
-            ex = submitit.SlurmExecutor(folder=folder)
-            params: dict[str, Any] = dict(
-                job_name=f"hpc_mim-{spec.name}", nodes=spec.nodes, ntasks_per_node=spec.tasks_per_node,
-                cpus_per_task=spec.cpus_per_task, time=spec.time_min)
-            if spec.gpus_per_node:
-                params["gpus_per_node"] = spec.gpus_per_node
-            if self.partition:
-                params["partition"] = self.partition
-            if after_ids:
-                params["additional_parameters"] = {"dependency": "afterok:" + ":".join(after_ids)}
-            ex.update_parameters(**params)
-            return ex
+            return self.slurm_executor(spec, after_ids)
         if self.cluster == "local":
             ex = submitit.LocalExecutor(folder=folder)
             # one machine: all of the job's tasks run here as subprocesses
@@ -85,11 +88,7 @@ class Launcher:
 
     def sbatch_script(self, spec: JobSpec, after_ids: list[str] = ()) -> str:
         """The sbatch script this spec would be submitted with (for --dry-run)."""
-        saved, self.cluster = self.cluster, "slurm"
-        try:
-            ex = self.executor(spec, after_ids)
-        finally:
-            self.cluster = saved
+        ex = self.slurm_executor(spec, after_ids)
         return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
     def submit(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Job:

@@ -13,9 +13,14 @@ def test_random_masking_keeps_exact_count(num_patches, ratio):
     # visible positions are exactly ids_keep, and ids_restore inverts the shuffle
     visible = torch.zeros_like(m.mask).scatter_(1, m.ids_keep, 1.0)
     assert torch.equal(visible, 1 - m.mask)
-    x = torch.arange(num_patches).repeat(8, 1)
-    assert len(set(m.ids_keep[0].tolist())) == keep
-    assert torch.equal(torch.gather(torch.argsort(m.ids_restore, 1), 1, m.ids_restore), x)
+    # the decoder's contract: [kept tokens, mask tokens] gathered by ids_restore puts every
+    # kept token back at its own position and a mask token exactly where mask == 1
+    tokens = torch.arange(num_patches).repeat(8, 1)
+    placed = torch.cat([torch.gather(tokens, 1, m.ids_keep),
+                        torch.full((8, num_patches - keep), -1)], dim=1)
+    placed = torch.gather(placed, 1, m.ids_restore)
+    assert torch.equal(placed == -1, m.mask.bool())
+    assert torch.equal(placed[placed >= 0], tokens[placed >= 0])
 
 
 def test_masks_differ_between_samples():

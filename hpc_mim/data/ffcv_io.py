@@ -20,6 +20,7 @@ from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
                                   RandomResizedCropRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.compiler import Compiler
+from ffcv.reader import Reader
 from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
                              ToTorchImage)
 from ffcv.writer import DatasetWriter
@@ -94,5 +95,4 @@ def iterate(loader: Loader, epoch: int | None = None) -> Iterator[dict[str, torc
 
 
 def num_samples(path: str) -> int:
-    from ffcv.reader import Reader
     return Reader(path).num_samples

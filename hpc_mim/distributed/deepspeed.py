@@ -6,6 +6,7 @@ on the torch optimizer's param groups, which ZeRO shares.
 """
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ from hpc_mim.distributed.env import DistEnv
 
 def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 300) -> None:
     """Join the process group (gloo on CPU, nccl on CUDA); a timeout names host and port."""
-    import datetime
     env.export()
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:

@@ -52,7 +52,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         ds.init_distributed(self.env, self.device)
         seed = cfg.train.seed * 1000 + self.env.rank   # masks differ between ranks
-        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
 
         t = cfg.train
         self.method = build_method(cfg.model, cfg.method).to(self.device)
