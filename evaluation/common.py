@@ -47,6 +47,8 @@ def encoder_for(run: RunDir, cfg: Config, baseline: str) -> torch.nn.Module | No
         return None
     if baseline == "random_init":
         torch.manual_seed(cfg.train.seed)
+        if run.encoder.is_file():     # same architecture as the method exported (e.g. UMD's)
+            return load_encoder(run.encoder, weights=False)
         return build_encoder(asdict(cfg.model))
     if not run.encoder.is_file():
         raise FileNotFoundError(f"{run.encoder} missing: the pre-training job did not finish")

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from hpc_mim.methods.options import LatentMIMOptions, LUTOptions, NoisedMIMOptions, UMDOptions
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -65,15 +67,20 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Pre-training method (a name in hpc_mim.methods.REGISTRY) and its options."""
+    """Pre-training method (a name in hpc_mim.methods.REGISTRY), the options several methods
+    share, and one section per method (hpc_mim/methods/options.py)."""
     name: str = "mae"
-    mask_ratio: float = 0.75
+    mask_ratio: float = 0.75            # fraction of patches hidden from the encoder
     norm_pix_loss: bool = True
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    noised_mim: NoisedMIMOptions = field(default_factory=NoisedMIMOptions)
+    latent_mim: LatentMIMOptions = field(default_factory=LatentMIMOptions)
+    lut: LUTOptions = field(default_factory=LUTOptions)
+    umd: UMDOptions = field(default_factory=UMDOptions)
 
-    def validate(self) -> None:
+    def validate(self, depth: int | None = None) -> None:
         from hpc_mim.methods import REGISTRY  # the registry is a plain dict of import paths
         _check(self.name in REGISTRY, "method.name",
                f"unknown method {self.name!r}; choose one of {sorted(REGISTRY)}")
@@ -81,6 +88,22 @@ class MethodConfig:
                f"{self.mask_ratio} must be in [0, 1): at least one patch must stay visible")
         _check(self.decoder_dim % self.decoder_heads == 0, "method.decoder_dim",
                f"{self.decoder_dim} is not divisible by method.decoder_heads={self.decoder_heads}")
+        if self.name == "noised_mim":
+            _check(self.mask_ratio + self.noised_mim.noise_ratio < 1.0, "method.mask_ratio",
+                   f"{self.mask_ratio} + method.noised_mim.noise_ratio={self.noised_mim.noise_ratio}"
+                   " must be < 1 (the two token sets are disjoint)")
+        if self.name == "lut":
+            _check(self.mask_ratio >= 0.5, "method.mask_ratio",
+                   f"{self.mask_ratio}: lut needs >= 0.5 (two disjoint visible sets from one shuffle)")
+        for section in METHOD_SECTIONS:      # model-dependent checks only for the chosen one
+            getattr(self, section).validate(depth if section == self.name else None)
+
+    def options(self) -> Any:
+        """The chosen method's own section (None for mae, which has none)."""
+        return getattr(self, self.name, None) if self.name in METHOD_SECTIONS else None
+
+
+METHOD_SECTIONS = ("noised_mim", "latent_mim", "lut", "umd")
 
 
 @dataclass
@@ -112,7 +135,9 @@ class TrainConfig:
     batch_size: int = 4096              # effective (global) batch size per optimizer step
     micro_batch_size: int = 64          # per process per forward; the rest is accumulation
     blr: float = 1.5e-4
-    min_lr: float = 0.0
+    lr_scaling: str = "linear"          # linear: lr = blr * batch / 256 (MAE); sqrt: blr * sqrt(batch) / 4 (LUT)
+    min_lr: float = 0.0                 # floor of the cosine, absolute ...
+    min_lr_ratio: float = 0.0           # ... or as a fraction of the peak lr (LatentMIM: 0.25)
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float = 0.0              # 0 = no clipping
@@ -133,7 +158,20 @@ class TrainConfig:
                f"{self.precision!r}; choose fp32 or bf16")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{self.zero_stage}; choose 0-3")
         _check(self.blr > 0, "train.blr", "must be > 0")
+        _check(self.lr_scaling in ("linear", "sqrt"), "train.lr_scaling",
+               f"{self.lr_scaling!r}; choose linear or sqrt")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(not (self.min_lr and self.min_lr_ratio), "train.min_lr",
+               "set train.min_lr or train.min_lr_ratio, not both")
         _check(len(self.betas) == 2, "train.betas", "must be [beta1, beta2]")
+
+    def peak_lr(self) -> float:
+        if self.lr_scaling == "sqrt":
+            return self.blr * self.batch_size ** 0.5 / 4
+        return self.blr * self.batch_size / 256
+
+    def floor_lr(self) -> float:
+        return self.min_lr or self.min_lr_ratio * self.peak_lr()
 
     def accumulation(self, world_size: int) -> int:
         """Gradient accumulation steps so that micro * world * accum == batch_size."""
@@ -238,14 +276,20 @@ class Config:
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
             validate = getattr(getattr(self, f.name), "validate", None)
-            if validate is not None:
+            if validate is not None and f.name != "method":
                 validate()
+        self.method.validate(depth=self.model.depth)   # noise_block is checked against depth
         world = self.cluster.nodes * self.cluster.tasks_per_node
         self.train.accumulation(world)
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dict; of the per-method sections only the chosen method's is kept."""
+        out = dataclasses.asdict(self)
+        for section in METHOD_SECTIONS:
+            if section != self.method.name:
+                del out["method"][section]
+        return out
 
     def dataset_info(self, name: str = "") -> dict[str, Any]:
         """Registry entry of a dataset with its .beton paths made absolute."""

@@ -18,20 +18,21 @@ class Masking:
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torch.device,
-                   generator: torch.Generator | None = None) -> Masking:
-    """Per-sample uniform masking of ``int(L * mask_ratio)`` patches (MAE, arXiv 2111.06377).
-
-    Keeps exactly ``K = int(L * (1 - mask_ratio))`` patches per sample.
-    """
-    keep = int(num_patches * (1 - mask_ratio))
+                   generator: torch.Generator | None = None, num_keep: int | None = None) -> Masking:
+    """Per-sample uniform masking (MAE, arXiv 2111.06377): keeps exactly
+    ``K = int(L * (1 - mask_ratio))`` patches per sample, or ``num_keep`` when given."""
     noise = torch.rand(batch, num_patches, device=device, generator=generator)  # (B, L)
-    ids_shuffle = torch.argsort(noise, dim=1)                                   # ascending: keep small
+    keep = int(num_patches * (1 - mask_ratio)) if num_keep is None else num_keep
+    return masking_from_shuffle(torch.argsort(noise, dim=1), keep)
+
+
+def masking_from_shuffle(ids_shuffle: torch.Tensor, keep: int) -> Masking:
+    """The first ``keep`` patches of each row of ``ids_shuffle`` (B, L) are visible."""
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :keep]                                            # (B, K)
-    mask = torch.ones(batch, num_patches, device=device)
+    mask = torch.ones(ids_shuffle.shape, device=ids_shuffle.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, 1, ids_restore)                                   # back to patch order
-    return Masking(ids_keep, mask, ids_restore)
+    return Masking(ids_shuffle[:, :keep], mask, ids_restore)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -57,3 +58,40 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int, grid: tuple[int,
     x = x.reshape(b, gh, gw, p, p, channels)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(b, channels, gh * p, gw * p)
+
+
+def hybrid_masking(batch: int, num_patches: int, mask_ratio: float, noise_ratio: float,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint masked and noised token sets from one per-sample shuffle (noised_mim).
+
+    Returns ``masked`` and ``noised``, both (B, L) bool: ``int(L * mask_ratio)`` and
+    ``int(L * noise_ratio)`` True per sample, never both; the remaining tokens stay clean.
+    """
+    n_mask, n_noise = int(num_patches * mask_ratio), int(num_patches * noise_ratio)
+    rank = torch.argsort(torch.argsort(torch.rand(batch, num_patches, device=device), dim=1), dim=1)
+    return rank < n_mask, (rank >= n_mask) & (rank < n_mask + n_noise)      # (B, L) each
+
+
+def noncontiguous_grid(imgs: torch.Tensor, grid: int, patch_size: int, gap: int) -> torch.Tensor:
+    """LatentMIM's non-contiguous grid (arXiv 2407.15837, Sec. 3.5).
+
+    ``imgs`` (B, C, S, S) with S = grid * (patch_size + gap) are cut into grid x grid cells of
+    ``patch_size + gap`` pixels; each row of cells gets a random vertical offset and each
+    column a random horizontal offset in [0, gap), per sample, and the p x p patch at that offset
+    is kept. Neighbouring patches are thus separated by 1 to 2*gap-1 pixels (none when gap = 0).
+    Returns the patches packed edge to edge, (B, C, grid*p, grid*p), ready for a ViT of image
+    size grid*p whose patch (i, j) is cell (i, j).
+    """
+    b, c, s, _ = imgs.shape
+    p, cell = patch_size, patch_size + gap
+    if s != grid * cell:
+        raise ValueError(f"non-contiguous grid needs {grid * cell} px images, got {s}")
+    offsets = torch.randint(0, max(gap, 1), (2, b, grid), device=imgs.device)  # (rows|cols, B, g)
+    base = torch.arange(grid, device=imgs.device) * cell                      # (g,)
+    within = torch.arange(p, device=imgs.device)                              # (p,)
+    # pixel index of every output row / column: (B, g*p)
+    idx = ((base + offsets)[..., None] + within).reshape(2, b, grid * p)
+    rows, cols = idx[0], idx[1]
+    batch = torch.arange(b, device=imgs.device)[:, None, None]
+    out = imgs.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, g*p, g*p, C)
+    return out.permute(0, 3, 1, 2).contiguous()

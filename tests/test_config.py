@@ -68,5 +68,57 @@ def test_override_parsing():
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config("mae", "fmnist_tiny", overrides=["train.seed=7"])
     save_config(cfg, tmp_path / "config.yaml")
-    assert read_config(tmp_path / "config.yaml") == cfg
+    assert read_config(tmp_path / "config.yaml").to_dict() == cfg.to_dict()
     assert isinstance(cfg, Config)
+
+
+def test_saved_config_keeps_only_the_chosen_methods_section(tmp_path):
+    cfg = load_config("latent_mim", "fmnist_tiny")
+    save_config(cfg, tmp_path / "config.yaml")
+    method = read_config(tmp_path / "config.yaml").method
+    assert method.latent_mim.gap == 1 and method.latent_mim.head_hidden_dim == 512  # from the preset
+    assert set(cfg.to_dict()["method"]) >= {"latent_mim"}
+    assert not {"lut", "umd", "noised_mim"} & set(cfg.to_dict()["method"])
+
+
+@pytest.mark.parametrize("method, expected", [
+    ("noised_mim", {"method.noised_mim.noise_block": 2, "method.noised_mim.style": "encoder",
+                    "train.epochs": 400}),
+    ("latent_mim", {"method.mask_ratio": 0.898, "method.latent_mim.temperature": 0.2,
+                    "method.latent_mim.momentum": 0.99, "method.decoder_depth": 3,
+                    "train.min_lr_ratio": 0.25, "train.epochs": 800}),
+    ("lut", {"method.lut.cross_view_weight": 0.25, "method.lut.momentum": 0.996,
+             "train.lr_scaling": "sqrt", "train.epochs": 1600}),
+    ("umd", {"method.umd.noised_mask_ratio": 0.375, "method.umd.no_noise_prob": 0.5,
+             "method.umd.num_cls_tokens": 4, "model.patch_size": 4, "model.img_size": 64,
+             "train.clip_grad": 1.0, "train.batch_size": 1024, "method.decoder_dim": 768}),
+])
+def test_method_recipes_carry_the_papers_settings(method, expected):
+    cfg = load_config(method)
+    for dotted, value in expected.items():
+        node = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        assert node == value, dotted
+
+
+def test_lr_scaling_rules():
+    cfg = load_config("lut", overrides=["train.batch_size=1024", "train.micro_batch_size=64"])
+    assert cfg.train.peak_lr() == pytest.approx(1.5e-4 * 32 / 4)        # blr * sqrt(bs) / 4
+    cfg = load_config("latent_mim")
+    assert cfg.train.peak_lr() == pytest.approx(1.5e-4 * 16)            # blr * bs / 256
+    assert cfg.train.floor_lr() == pytest.approx(0.25 * cfg.train.peak_lr())
+
+
+@pytest.mark.parametrize("method, override, key", [
+    ("noised_mim", "method.noised_mim.noise_block=12", "method.noised_mim.noise_block"),  # depth 12
+    ("noised_mim", "method.noised_mim.noise_ratio=0.5", "method.mask_ratio"),  # 0.6 + 0.5 >= 1
+    ("noised_mim", "method.noised_mim.style=sideways", "method.noised_mim.style"),
+    ("noised_mim", "method.noised_mim.noise_blok=2", "did you mean 'method.noised_mim.noise_block'"),
+    ("lut", "method.mask_ratio=0.4", "method.mask_ratio"),          # no two disjoint 60% sets
+    ("umd", "method.umd.no_noise_prob=1.5", "method.umd.no_noise_prob"),
+    ("latent_mim", "train.min_lr=1e-6", "train.min_lr"),            # and min_lr_ratio 0.25
+])
+def test_method_options_are_validated(method, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(method, overrides=[override])

@@ -42,3 +42,49 @@ def test_gather_tokens():
     ids = torch.tensor([[4, 0], [1, 1]])
     out = gather_tokens(x, ids)
     assert torch.equal(out[0, 0], x[0, 4]) and torch.equal(out[1, 1], x[1, 1])
+
+
+def test_hybrid_masking_gives_disjoint_sets_of_the_right_sizes():
+    from hpc_mim.masking import hybrid_masking
+    masked, noised = hybrid_masking(5, 49, 0.6, 0.2, torch.device("cpu"))
+    assert masked.sum(1).tolist() == [29] * 5 and noised.sum(1).tolist() == [9] * 5
+    assert not (masked & noised).any()
+    assert not torch.equal(masked[0], masked[1])             # per-sample draws
+
+
+def test_noncontiguous_grid_geometry():
+    """Every output patch is an intact p x p block of its own cell, at an offset in [0, gap)
+    shared along its row (vertical) and its column (horizontal); neighbours never touch."""
+    from hpc_mim.masking import noncontiguous_grid
+    g, p, gap = 7, 4, 3
+    s = g * (p + gap)
+    rows = torch.arange(s).view(1, 1, s, 1).expand(2, 3, s, s).float()
+    cols = torch.arange(s).view(1, 1, 1, s).expand(2, 3, s, s).float()
+    torch.manual_seed(0)
+    out_r = noncontiguous_grid(rows, g, p, gap)
+    torch.manual_seed(0)
+    out_c = noncontiguous_grid(cols, g, p, gap)              # same draw: read columns
+    assert out_r.shape == (2, 3, g * p, g * p)
+    offsets_seen = set()
+    for n in range(2):
+        for i in range(g):
+            for j in range(g):
+                r = out_r[n, 0, i * p:(i + 1) * p, j * p:(j + 1) * p]
+                c = out_c[n, 0, i * p:(i + 1) * p, j * p:(j + 1) * p]
+                r0, c0 = int(r[0, 0]), int(c[0, 0])
+                assert torch.equal(r, (r0 + torch.arange(p)).float().view(p, 1).expand(p, p))
+                assert torch.equal(c, (c0 + torch.arange(p)).float().view(1, p).expand(p, p))
+                dy, dx = r0 - i * (p + gap), c0 - j * (p + gap)
+                assert 0 <= dy < gap and 0 <= dx < gap
+                assert dy == int(out_r[n, 0, i * p, 0]) - i * (p + gap)     # shared by the row
+                assert dx == int(out_c[n, 0, 0, j * p]) - j * (p + gap)     # shared by the column
+                offsets_seen.add((dy, dx))
+        for i in range(g - 1):                                # a gap of >= 1 pixel between rows
+            assert out_r[n, 0, (i + 1) * p, 0] - out_r[n, 0, (i + 1) * p - 1, 0] >= 2
+    assert len(offsets_seen) > 1
+
+
+def test_noncontiguous_grid_without_gap_is_the_image():
+    from hpc_mim.masking import noncontiguous_grid
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.equal(noncontiguous_grid(x, 7, 4, 0), x)

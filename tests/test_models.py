@@ -42,7 +42,29 @@ def test_forward_intermediates_shapes():
 
 def test_export_round_trip(tmp_path):
     enc = ViTEncoder(**CFG).eval()
-    save_encoder(enc, CFG, tmp_path / "encoder.pt")
+    save_encoder(enc, tmp_path / "encoder.pt")
     again = load_encoder(tmp_path / "encoder.pt").eval()
     x = torch.randn(2, 3, 28, 28)
     assert torch.equal(enc(x), again(x))
+
+
+def test_conditioned_multi_cls_encoder_exports_its_architecture(tmp_path):
+    """UMD's encoder (4 cls tokens, AdaLN timestep conditioning) must come back as itself from
+    encoder.pt, for the evaluations and for their random-init baseline alike."""
+    enc = ViTEncoder(**CFG, num_cls_tokens=4, timestep_cond=True).eval()
+    for block in enc.blocks:
+        torch.nn.init.normal_(block.modulation[1].weight, std=0.1)
+    save_encoder(enc, tmp_path / "encoder.pt")
+    again = load_encoder(tmp_path / "encoder.pt").eval()
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.equal(enc(x), again(x)) and again(x).shape == (2, 4 + 49, 32)
+    fresh = load_encoder(tmp_path / "encoder.pt", weights=False)
+    assert fresh.num_prefix == 4 and fresh.t_embed is not None
+    assert fresh.forward_intermediates(x, [1])[0].shape == (2, 32, 7, 7)
+
+
+def test_adaln_blocks_start_as_identity():
+    enc = ViTEncoder(**CFG, timestep_cond=True).eval()
+    x = torch.randn(2, 3, 28, 28)
+    tokens = enc.embed(x)
+    assert torch.allclose(enc(x), enc.norm(tokens), atol=1e-6)            # adaLN-Zero

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import submit
+from hpc_mim.config import load_config
+from hpc_mim.methods import REGISTRY, build_method
 
 
 def scontrol(job_id: str) -> dict[str, str]:
@@ -18,13 +21,16 @@ def scontrol(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
-def check_mlflow(run_dir, evals=("knn", "linear_probe")):
+def check_mlflow(run_dir, evals=("knn", "linear_probe"), method="mae"):
     tracking = json.loads((run_dir / "tracking.json").read_text())
     client = MlflowClient(tracking["uri"])
     parent = client.get_run(tracking["run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["method.name"] == "mae" and parent.data.params["train.zero_stage"] == "2"
+    assert parent.data.params["method.name"] == method and parent.data.params["train.zero_stage"] == "2"
     assert len(client.get_metric_history(parent.info.run_id, "train/loss")) >= 4
+    cfg = load_config(method, "smoke")
+    for term in build_method(cfg.model, cfg.method).terms:     # every named loss term is logged
+        assert client.get_metric_history(parent.info.run_id, f"train/{term}"), term
     children = client.search_runs([tracking["experiment_id"]],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
@@ -35,8 +41,9 @@ def check_mlflow(run_dir, evals=("knn", "linear_probe")):
     return by_name
 
 
-def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_root):
-    r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_root, method):
+    r = submit("--method", method, "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
                "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=e2e")
     assert r.returncode == 0, r.stderr
     ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
@@ -68,7 +75,8 @@ def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_
     assert "batch 64 = 32 x 2 ranks x 1 accum), ZeRO-2 fp32" in logs
     assert len(list((run_dir / "jobs" / "pretrain").rglob("*_1_log.out"))) == 1
     assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoints" / "latest").is_file()
-    check_mlflow(run_dir)
+    assert f"start: {method}," in logs
+    check_mlflow(run_dir, method=method)
 
 
 def test_local_cluster_pipeline(tmp_path, data_root):

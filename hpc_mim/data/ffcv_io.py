@@ -1,6 +1,8 @@
 """FFCV ``.beton`` writing and loading (the only module that imports ffcv).
 
-Loaders yield ``{"image": float (B, 3, S, S) normalised, "label": long (B,)}``. Sample order is
+Loaders yield ``{"image": float (B, 3, S, S) normalised, "label": long (B,)}``, plus one
+normalised view per name in ``extra_views`` (hpc_mim/data/views.py): the same images decoded
+again with their own crop and flip, then that view's recipe. Sample order is
 a pure function of (seed, epoch) (FFCV's RANDOM order; DistributedSampler semantics when
 distributed), which is what makes resuming by (epoch, step) exact.
 
@@ -20,10 +22,13 @@ from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
                                   RandomResizedCropRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.compiler import Compiler
+from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
 from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
                              ToTorchImage)
 from ffcv.writer import DatasetWriter
+
+from hpc_mim.data.views import check_views, finish_view
 
 if os.environ.get("HPC_MIM_FFCV_JIT", "1") == "0":
     Compiler.set_enabled(False)
@@ -59,9 +64,11 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
                  std: Sequence[float], train: bool, seed: int = 0,
                  crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True,
                  eval_crop_ratio: float = 1.0, num_workers: int = 2, distributed: bool = False,
-                 max_samples: int = 0, device: torch.device | str = "cpu") -> Loader:
+                 max_samples: int = 0, device: torch.device | str = "cpu",
+                 extra_views: Sequence[str] = ()) -> Loader:
     """A train loader (random order, RandomResizedCrop + flip, drop_last) or an eval loader
     (sequential, center crop). ``distributed`` shards with torch.distributed's rank/world."""
+    check_views(extra_views)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path} (convert it with data_prep/)")
     device = torch.device(device)
@@ -75,23 +82,38 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
     indices = None
     if max_samples:
         indices = np.arange(min(max_samples, num_samples(path)))
-    return Loader(path, batch_size=batch_size, num_workers=num_workers,
-                  order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-                  drop_last=train, distributed=distributed, seed=seed, indices=indices,
-                  os_cache=True,
-                  pipelines={"image": _image_pipeline(decoder, mean, std, train and hflip, device),
-                             "label": label_ops})
+    pipelines = {"image": _image_pipeline(decoder, mean, std, train and hflip, device),
+                 "label": label_ops}
+    for name in extra_views:      # a second decoder of the same field: its own crop and flip
+        ops = [RandomHorizontalFlip()] if hflip else []
+        ops += [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
+        pipelines[name] = PipelineSpec("image", decoder=RandomResizedCropRGBImageDecoder(
+            (img_size, img_size), scale=tuple(crop_scale)), transforms=ops + [ToTorchImage()])
+    loader = Loader(path, batch_size=batch_size, num_workers=num_workers,
+                    order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                    drop_last=train, distributed=distributed, seed=seed, indices=indices,
+                    os_cache=True, pipelines=pipelines)
+    loader.hpc_views = (tuple(extra_views), tuple(mean), tuple(std))
+    return loader
 
 
-def iterate(loader: Loader, epoch: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches as dicts. ``epoch`` pins the (seed, epoch) order, e.g. when resuming.
+def iterate(loader: Loader, epoch: int | None = None,
+            skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches as dicts. ``epoch`` pins the (seed, epoch) order, e.g. when resuming; the first
+    ``skip`` batches are read but not yielded (nor augmented further: no RNG is drawn for them).
 
     The tensors live in FFCV's recycled buffers: use them before the next batch, or clone.
     """
     if epoch is not None:
         loader.next_epoch = epoch
-    for image, label in loader:
-        yield {"image": image.contiguous(), "label": label.long()}
+    views, mean, std = getattr(loader, "hpc_views", ((), (), ()))
+    for index, (image, label, *extra) in enumerate(loader):  # pipeline order: fields, then views
+        if index < skip:
+            continue
+        batch = {"image": image.contiguous(), "label": label.long()}
+        for name, raw in zip(views, extra):
+            batch[name] = finish_view(name, raw, mean, std)
+        yield batch
 
 
 def num_samples(path: str) -> int:

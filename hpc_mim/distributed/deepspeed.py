@@ -6,6 +6,7 @@ on the torch optimizer's param groups, which ZeRO shares.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,27 @@ def module_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor] | No
     else:
         sd = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
     return sd if engine.global_rank == 0 else None
+
+
+@contextlib.contextmanager
+def gathered(engine, read: list[nn.Parameter], write: list[nn.Parameter]):
+    """Whole tensors of ``read`` and ``write`` inside the block; on exit, what was written to
+    ``write`` is kept (rank 0's values are re-partitioned; every rank computes the same).
+    Only ZeRO-3 partitions parameters; otherwise this does nothing."""
+    if engine.zero_optimization_stage() != 3 or not (read or write):
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(read, modifier_rank=None), \
+            deepspeed.zero.GatheredParameters(write, modifier_rank=0):
+        yield
+
+
+def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 state dict from checkpoint ``folder/tag`` of any ZeRO stage,
+    frozen parameters (EMA teachers) included; offline, on CPU, no process group needed."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    path = Path(folder) / tag
+    if list(path.glob("zero_pp_rank_*optim_states.pt")):           # ZeRO 1-3: sharded
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    blob = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in blob["module"].items()}

@@ -7,6 +7,10 @@ from typing import Any
 
 REGISTRY: dict[str, str] = {
     "mae": "hpc_mim.methods.mae:MAE",
+    "noised_mim": "hpc_mim.methods.noised_mim:NoisedMIM",
+    "latent_mim": "hpc_mim.methods.latent_mim:LatentMIM",
+    "lut": "hpc_mim.methods.lut:LUT",
+    "umd": "hpc_mim.methods.umd:UMD",
 }
 
 

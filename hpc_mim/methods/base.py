@@ -9,13 +9,23 @@ class MIMMethod(nn.Module):
     """One pre-training method = one module.
 
     - ``encoder``: the ``ViTEncoder`` that is exported for evaluation.
-    - ``forward(batch) -> dict``: ``"loss"`` (scalar to minimise) plus every named loss term,
-      so the trainer logs them all without knowing them.
+    - ``forward(batch) -> dict``: ``"loss"`` (scalar to minimise) plus every named loss term
+      (listed in ``terms``), so the trainer logs them all without knowing them. ``batch`` has
+      ``"image"`` (B, C, S, S) with S = ``input_size``, and one more tensor per name in
+      ``extra_views`` (a second augmented view of the same images, see hpc_mim/data/views.py).
     - ``on_optimizer_step(progress)``: called by the trainer after each optimizer step with the
-      training progress in [0, 1] (EMA teachers update here). A no-op by default.
+      training progress in [0, 1]; EMA teachers update here. The trainer gathers the tensors
+      listed by ``ema_parameters`` first (ZeRO-3 partitions them), so plain tensor code is right.
     """
 
     encoder: nn.Module
+    terms: tuple[str, ...] = ()
+    extra_views: tuple[str, ...] = ()
+
+    @property
+    def input_size(self) -> int:
+        """Side of the training crops the loader must produce."""
+        return self.encoder.patch_embed.img_size[0]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -23,3 +33,7 @@ class MIMMethod(nn.Module):
     @torch.no_grad()
     def on_optimizer_step(self, progress: float) -> None:
         return None
+
+    def ema_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(read, written) parameters of ``on_optimizer_step``; none by default."""
+        return [], []

@@ -1,4 +1,5 @@
-"""MAE's lightweight transformer decoder (arXiv 2111.06377, Sec. 3 "MAE decoder")."""
+"""MAE's lightweight transformer decoder (arXiv 2111.06377, Sec. 3 "MAE decoder"), optionally
+timestep-conditioned by AdaLN (UMD, arXiv 2406.17688)."""
 from __future__ import annotations
 
 from functools import partial
@@ -7,37 +8,60 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, run_blocks
 from hpc_mim.models.vit import init_mae_weights, sincos_pos_embed
 
 
 class MAEDecoder(nn.Module):
     """Visible tokens + mask tokens, unshuffled into place, through ``depth`` blocks.
 
-    Shapes: encoder tokens (B, 1+K, D_enc), ids_restore (B, L) -> predictions (B, L, out_dim)
-    for every patch (the cls token is dropped).
+    Shapes: encoder tokens (B, P+K, D_enc), ids_restore (B, L) [, timesteps (B,)] ->
+    predictions (B, L, out_dim) for every patch (the P cls tokens are dropped).
+    ``forward`` = ``prepare`` -> ``blocks`` -> ``head``; a method that needs each block's input
+    (noised_mim's attention loss) runs the three itself.
     """
 
     def __init__(self, grid: tuple[int, int], encoder_dim: int, dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, out_dim: int = 768, mlp_ratio: float = 4.0) -> None:
+                 num_heads: int = 16, out_dim: int = 768, mlp_ratio: float = 4.0,
+                 num_prefix: int = 1, timestep_cond: bool = False) -> None:
         super().__init__()
+        self.num_prefix = num_prefix
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim, num_prefix), persistent=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
+        if timestep_cond:
+            self.t_embed = TimestepEmbedder(dim)
+            self.blocks = nn.ModuleList(AdaLNBlock(dim, num_heads, mlp_ratio) for _ in range(depth))
+        else:
+            self.t_embed = None
+            self.blocks = nn.ModuleList(
+                Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
         self.norm = norm(dim)
         self.pred = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_mae_weights)
-
-    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)                                               # (B, 1+K, d)
-        b, num_patches = ids_restore.shape
-        masks = self.mask_token.expand(b, num_patches + 1 - x.shape[1], -1)  # (B, L-K, d)
-        patches = torch.cat([x[:, 1:], masks], dim=1)                        # shuffled order
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed           # (B, 1+L, d)
         for block in self.blocks:
-            x = block(x)
-        return self.pred(self.norm(x))[:, 1:]                                # (B, L, out_dim)
+            if isinstance(block, AdaLNBlock):
+                block.zero_modulation()
+
+    def prepare(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Embed, append mask tokens, unshuffle, add positions: (B, P+L, d)."""
+        x = self.embed(tokens)                                               # (B, P+K, d)
+        p = self.num_prefix
+        b, num_patches = ids_restore.shape
+        masks = self.mask_token.expand(b, num_patches + p - x.shape[1], -1)  # (B, L-K, d)
+        patches = torch.cat([x[:, p:], masks], dim=1)                        # shuffled order
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :p], patches], dim=1) + self.pos_embed        # (B, P+L, d)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pred(self.norm(x))[:, self.num_prefix:]                  # (B, L, out_dim)
+
+    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor,
+                t: torch.Tensor | None = None) -> torch.Tensor:
+        c = None
+        if self.t_embed is not None:
+            t = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device) if t is None else t
+            c = self.t_embed(t)
+        return self.head(run_blocks(self.blocks, self.prepare(tokens, ids_restore), c))

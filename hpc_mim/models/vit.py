@@ -1,4 +1,4 @@
-"""ViT encoder on timm blocks with fixed 2D sin-cos position embeddings and a cls token.
+"""ViT encoder on timm blocks with fixed 2D sin-cos position embeddings and cls token(s).
 
 Follows the MAE encoder (arXiv 2111.06377; facebookresearch/mae:models_mae.py): pre-norm timm
 ``Block``s, LayerNorm eps 1e-6, xavier-uniform linear init, the cls token's position embedding
@@ -17,14 +17,15 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from hpc_mim.masking import gather_tokens
+from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, run_blocks
+
+_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def sincos_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
-    """(1, [1+] gh*gw, dim) fixed sin-cos embedding; the cls slot is zeros, as in MAE."""
+def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
+    """(1, P + gh*gw, dim) fixed sin-cos embedding; the P cls slots are zeros, as in MAE."""
     pos = build_sincos2d_pos_embed(list(grid), dim=dim)                     # (gh*gw, dim)
-    if cls_token:
-        pos = torch.cat([torch.zeros(1, dim), pos], dim=0)
-    return pos.unsqueeze(0)
+    return torch.cat([torch.zeros(num_prefix, dim), pos], dim=0).unsqueeze(0)
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -33,7 +34,7 @@ def init_mae_weights(module: nn.Module) -> None:
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
@@ -41,30 +42,44 @@ def init_mae_weights(module: nn.Module) -> None:
 class ViTEncoder(nn.Module):
     """Vision Transformer encoder.
 
-    Shapes: images (B, C, H, W) -> tokens (B, 1 + K, D), where K = L = (H/p)*(W/p) without
-    masking, or K = ids_keep.shape[1] with it. Token 0 is the cls token.
+    Shapes: images (B, C, H, W) -> tokens (B, P + K, D), where P = ``num_cls_tokens`` (1, or 4
+    for UMD) and K = L = (H/p)*(W/p) without masking, or K = ids_keep.shape[1] with it.
+    ``timestep_cond`` makes every block an AdaLN block conditioned on a diffusion timestep
+    ``t`` (B,) (UMD); t = 0 (the default) means a clean image, which is how evaluations run it.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, num_cls_tokens: int = 1,
+                 timestep_cond: bool = False) -> None:
         super().__init__()
+        # the constructor arguments travel with exported weights (see save_encoder)
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                           embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, drop_path=drop_path,
+                           num_cls_tokens=num_cls_tokens, timestep_cond=timestep_cond)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
+        self.num_prefix = num_cls_tokens
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid = self.patch_embed.grid_size                               # (gh, gw)
         self.num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, embed_dim))
         # A buffer, not a parameter: the embedding is fixed, and rebuilding it from the config
         # keeps exported weights independent of the image size.
-        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim), persistent=False)
-        rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm, drop_path=r)
-            for r in rates)
-        self.norm = norm(embed_dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim, num_cls_tokens),
+                             persistent=False)
+        if timestep_cond:
+            self.t_embed = TimestepEmbedder(embed_dim)
+            self.blocks = nn.ModuleList(AdaLNBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        else:
+            self.t_embed = None
+            rates = torch.linspace(0, drop_path, depth).tolist()  # stochastic depth grows with depth
+            self.blocks = nn.ModuleList(
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_norm, drop_path=r)
+                for r in rates)
+        self.norm = _norm(embed_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -72,60 +87,96 @@ class ViTEncoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))   # treat the conv as a linear layer
         nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_mae_weights)
+        for block in self.blocks:
+            if isinstance(block, AdaLNBlock):
+                block.zero_modulation()
 
-    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch + position embedding, optional patch subset, cls prepended: (B, 1+K, D)."""
-        x = self.patch_embed(x) + self.pos_embed[:, 1:]                      # (B, L, D)
+    def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+              replace: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch + position embedding, cls prepended: (B, P+K, D).
+
+        ``ids_keep`` (B, K) keeps a subset of patches (MAE-style); ``replace`` (B, L) bool swaps
+        those patches' embeddings for ``mask_token`` (1, 1, D) before the position embedding is
+        added (SimMIM-style, all L patches stay)."""
+        x = self.patch_embed(x)                                              # (B, L, D)
+        if replace is not None:
+            x = torch.where(replace.unsqueeze(-1), mask_token.to(x.dtype), x)
+        x = x + self.pos_embed[:, self.num_prefix:]
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)                                   # (B, K, D)
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + self.pos_embed[:, :self.num_prefix]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
 
-    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) [+ ids_keep (B, K)] -> normalised tokens (B, 1+K, D)."""
-        x = self.embed(x, ids_keep)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+    def condition(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+        """Timestep embedding (B, D) for AdaLN blocks (t = 0 when not given); None otherwise."""
+        if self.t_embed is None:
+            return None
+        if t is None:
+            t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.t_embed(t)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                t: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) [+ ids_keep (B, K)] [+ timesteps (B,)] -> normalised tokens (B, P+K, D)."""
+        c = self.condition(x, t)
+        return self.norm(run_blocks(self.blocks, self.embed(x, ids_keep), c))
 
     def pooled(self, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
-        """Global representation (B, D): the cls token or the mean of the patch tokens."""
+        """Global representation (B, D): the cls token(s) (mean of them when several, as UMD
+        does) or the mean of the patch tokens."""
         tokens = self.forward(x)
-        return tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
+        p = self.num_prefix
+        return tokens[:, :p].mean(dim=1) if pooling == "cls" else tokens[:, p:].mean(dim=1)
 
     def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         """Feature maps (B, D, gh, gw) after each block in ``indices`` (0-based)."""
         out = []
+        c = self.condition(x, None)
         tokens = self.embed(x)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens)
+            tokens = block(tokens) if c is None else block(tokens, c)
             if i in indices:
-                patches = tokens[:, 1:]                                      # (B, L, D)
+                patches = tokens[:, self.num_prefix:]                        # (B, L, D)
                 out.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *self.grid))
         return out
 
 
-def build_encoder(model_cfg: dict[str, Any]) -> ViTEncoder:
-    """Encoder from the ``model`` section of a config (a dict or ModelConfig)."""
+def attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The softmax attention (B, heads, N, N) that timm ``Block`` ``block`` computes on its
+    input ``x`` (B, N, D). timm's fused kernel does not return it, so q and k are recomputed
+    from the block's own weights (differentiably)."""
+    attn = block.attn
+    b, n, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+    q, k = qkv.permute(2, 0, 3, 1, 4)[:2]                                     # (B, h, N, hd)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+
+
+def build_encoder(model_cfg: dict[str, Any], **overrides: Any) -> ViTEncoder:
+    """Encoder from the ``model`` section of a config (a dict or ModelConfig); a method adds
+    what its architecture needs (e.g. UMD: ``num_cls_tokens=4, timestep_cond=True``)."""
     if not isinstance(model_cfg, dict):
         model_cfg = vars(model_cfg)
-    return ViTEncoder(**model_cfg)
+    return ViTEncoder(**{**model_cfg, **overrides})
 
 
-def save_encoder(encoder: nn.Module, model_cfg: dict[str, Any], path: Path,
+def save_encoder(encoder: ViTEncoder, path: Path,
                  state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``{"model": cfg, "state_dict": fp32 weights}`` atomically (tmp + rename)."""
+    """Write ``{"model": constructor args, "state_dict": fp32 weights}`` atomically."""
     sd = state_dict if state_dict is not None else encoder.state_dict()
     sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": dict(model_cfg), "state_dict": sd}, tmp)
+    torch.save({"model": dict(encoder.config), "state_dict": sd}, tmp)
     tmp.replace(path)
 
 
-def load_encoder(path: Path, map_location: str = "cpu") -> ViTEncoder:
-    """Rebuild an encoder exported by ``save_encoder``; the weights must match exactly."""
+def load_encoder(path: Path, map_location: str = "cpu", weights: bool = True) -> ViTEncoder:
+    """Rebuild an encoder exported by ``save_encoder``; the weights must match exactly.
+    ``weights=False`` gives the same architecture freshly initialised (the random-init baseline)."""
     blob = torch.load(path, map_location=map_location, weights_only=True)
     encoder = build_encoder(blob["model"])
-    encoder.load_state_dict(blob["state_dict"], strict=True)
+    if weights:
+        encoder.load_state_dict(blob["state_dict"], strict=True)
     return encoder

@@ -1,8 +1,10 @@
 """The pre-training loop. It owns DeepSpeed (through hpc_mim.distributed.deepspeed) and MLflow
 (through hpc_mim.tracking); the method only maps a batch to a dict of losses.
 
-Schedule (MAE, arXiv 2111.06377 App. A.1): lr = blr * batch_size / 256, linear warmup, then
-half-cosine to min_lr, updated every optimizer step (timm's CosineLRScheduler).
+Schedule (MAE, arXiv 2111.06377 App. A.1): lr = blr * batch_size / 256 (or LUT's
+blr * sqrt(batch_size) / 4), linear warmup, then half-cosine to the floor, updated every optimizer
+step (timm's CosineLRScheduler). After every optimizer step the method's ``on_optimizer_step``
+hook runs (EMA teachers), over whole tensors even under ZeRO-3.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class Trainer:
 
         t = cfg.train
         self.method = build_method(cfg.model, cfg.method).to(self.device)
-        self.lr = t.blr * t.batch_size / 256
+        self.lr = t.peak_lr()
         groups = param_groups_weight_decay(self.method, t.weight_decay)  # no decay on norms/biases
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(t.betas))
         self.engine = ds.initialize(self.method, self.optimizer, t, self.env.world_size)
@@ -66,10 +68,11 @@ class Trainer:
 
         info = cfg.dataset_info()
         self.loader = build_loader(
-            info["train"], t.micro_batch_size, cfg.model.img_size, info["mean"], info["std"],
+            info["train"], t.micro_batch_size, self.method.input_size, info["mean"], info["std"],
             train=True, seed=t.seed, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
             num_workers=cfg.data.num_workers, distributed=self.env.world_size > 1,
-            max_samples=cfg.data.max_train_samples, device=self.device)
+            max_samples=cfg.data.max_train_samples, device=self.device,
+            extra_views=self.method.extra_views)
         self.accum = t.accumulation(self.env.world_size)
         self.steps_per_epoch = len(self.loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -80,7 +83,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         warmup = int(t.warmup_epochs * self.steps_per_epoch)
         self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=t.min_lr,
+            self.optimizer, t_initial=max(1, self.total_steps - warmup), lr_min=t.floor_lr(),
             warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
 
         self.ckpt = CheckpointManager(run.checkpoints, cfg.checkpoint.keep_last,
@@ -93,14 +96,14 @@ class Trainer:
         t = self.cfg.train
         sums: dict[str, float] = defaultdict(float)       # loss terms summed over the window
         tic, seen, window, last = time.time(), 0, 0, {}
-        self.log(f"start: {self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {t.batch_size}"
+        self.log(f"start: {self.cfg.method.name}, {self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {t.batch_size}"
                  f" = {t.micro_batch_size} x {self.env.world_size} ranks x {self.accum} accum), "
                  f"ZeRO-{t.zero_stage} {t.precision}, lr {self.lr:.3g}, {self.threads} threads/rank")
+        per_epoch = self.steps_per_epoch * self.accum          # micro-batches; the rest is dropped
         while step < self.total_steps:
-            for micro, batch in enumerate(iterate(self.loader, epoch)):
-                if micro < skip:                 # resumed mid-epoch: same order, skip done steps
-                    continue
-                if micro >= self.steps_per_epoch * self.accum or step >= self.total_steps:
+            done = skip                          # resumed mid-epoch: same order, done ones skipped
+            for micro, batch in enumerate(iterate(self.loader, epoch, skip=skip), start=skip):
+                if micro >= per_epoch or step >= self.total_steps:
                     break
                 self.scheduler.step_update(step)
                 batch = {k: v.to(self.device, self.dtype if v.is_floating_point() else None)
@@ -111,25 +114,31 @@ class Trainer:
                 for name, value in out.items():
                     sums[name] += value.detach().float().item() / self.accum
                 seen += batch["image"].shape[0] * self.env.world_size
-                if (micro + 1) % self.accum:
+                done = micro + 1                 # micro-batches of this epoch done
+                if done % self.accum:
                     continue
                 step, window = step + 1, window + 1
-                self.engine.module.on_optimizer_step(step / self.total_steps)
+                self.after_step(step)
                 if not math.isfinite(sums["loss"]):
                     raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}): "
                                              + ", ".join(f"{k}={v:.4g}" for k, v in sums.items()))
                 if step % t.log_every == 0 or step == self.total_steps:
                     last = self.log_metrics(sums, window, step, epoch, seen / (time.time() - tic))
                     sums, tic, seen, window = defaultdict(float), time.time(), 0, 0
-                epoch_done = micro + 1 == self.steps_per_epoch * self.accum
-                if step % self.cfg.checkpoint.every_steps == 0 and not epoch_done and step < self.total_steps:
-                    self.save(epoch, micro + 1, step)    # the epoch-end save below covers the rest
-            epoch, skip = epoch + 1, 0
-            self.save(epoch, 0, step)            # epoch boundary (also the final checkpoint)
+                if step % self.cfg.checkpoint.every_steps == 0 and done < per_epoch and step < self.total_steps:
+                    self.save(epoch, done, step)     # the save below covers the epoch's end
+            epoch, skip = (epoch + 1, 0) if done >= per_epoch else (epoch, done)
+            self.save(epoch, skip, step)         # epoch boundary, or where max_steps stopped us
         self.export()
         return last
 
     # ------------------------------------------------------------------ pieces
+    def after_step(self, step: int) -> None:
+        """The method's hook (EMA teachers) on gathered parameters, with progress in [0, 1]."""
+        read, write = self.method.ema_parameters()
+        with ds.gathered(self.engine, read, write):
+            self.method.on_optimizer_step(step / self.total_steps)
+
     def log(self, message: str) -> None:
         """Progress line on stdout and in run/logs/pretrain.log (an MLflow artifact at the end)."""
         if self.env.is_main:
@@ -184,6 +193,6 @@ class Trainer:
     def export(self) -> None:
         sd = ds.module_state_dict(self.engine, self.engine.module.encoder)
         if self.env.is_main:
-            save_encoder(self.engine.module.encoder, vars(self.cfg.model), self.run.encoder, sd)
+            save_encoder(self.engine.module.encoder, self.run.encoder, sd)
             self.log(f"exported encoder to {self.run.encoder}")
         dist.barrier()

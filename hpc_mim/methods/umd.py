@@ -1,0 +1,88 @@
+"""UMD: Unified Auto-Encoding with Masked Diffusion (Hansen-Estruch et al., arXiv 2406.17688).
+
+Reference code: philippe-eecs/small-vision (JAX). What it computes (shared/methods.md):
+
+1. Each batch is split: the first ``round(B * no_noise_prob)`` samples are clean (t = 0) and
+   masked at ``method.mask_ratio`` (0.75); the rest get ``t ~ U{0..T-1}``,
+   ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` (cosine schedule, T = 1000) and are masked at
+   ``noised_mask_ratio`` (0.375). The model is told ``t + 1``, so timestep 0 means clean --
+   which is how evaluations run the exported encoder.
+2. Encoder and decoder are conditioned on the timestep by AdaLN; the encoder has 4 cls tokens
+   whose mean is the representation (``pooling: cls``).
+3. Dual prediction: the decoder outputs 2 x p*p*C per patch, (x0, eps).
+   Clean samples: ``mae_loss`` = MSE of x0 on masked pixels. Noised samples: ``eps_loss`` = MSE
+   of eps on visible pixels, ``x0_loss`` = MSE of x0 on masked pixels, ``dit_loss = (eps_loss
+   + x0_loss) / 2`` (a term with no pixels to cover, e.g. x0 with mask 0, counts as 0).
+4. ``loss = dit_loss * (1 - r) + mae_loss * r`` with r the clean fraction of the batch.
+5. Gradient clipping 1.0 is ``train.clip_grad`` in configs/methods/umd.yaml.
+
+Choices where the reference differs from this pipeline, documented: the split is a fixed count
+per batch rather than a coin per sample (same expectation, no empty halves); pixels are the
+loader's per-channel standardised values (mean 0, std 1) rather than [-1, 1], i.e. the same
+unit scale the noise schedule assumes, without norm_pix. Variants by config: MAE
+(no_noise_prob 1), DiT (no_noise_prob 0, noised_mask_ratio 0), MaskDiT (noised_mask_ratio 0.5).
+"""
+from __future__ import annotations
+
+import torch
+
+from hpc_mim.masking import patchify, random_masking
+from hpc_mim.methods.base import MIMMethod
+from hpc_mim.methods.mae import masked_mse
+from hpc_mim.models.decoder import MAEDecoder
+from hpc_mim.models.vit import build_encoder
+from hpc_mim.noise import add_noise, cosine_alphas_cumprod
+
+
+def masked_mse_or_zero(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_mse``, or 0 when ``mask`` selects nothing (a term that does not apply)."""
+    return masked_mse(pred, target, mask) if mask.sum() > 0 else pred.sum() * 0
+
+
+class UMD(MIMMethod):
+    """``forward({"image": (B, C, H, W)})`` -> loss, mae_loss, dit_loss, x0_loss, eps_loss."""
+
+    terms = ("mae_loss", "dit_loss", "x0_loss", "eps_loss")
+
+    def __init__(self, model_cfg, method_cfg) -> None:
+        super().__init__()
+        o = method_cfg.umd
+        self.encoder = build_encoder(model_cfg, num_cls_tokens=o.num_cls_tokens, timestep_cond=True)
+        d, p = self.encoder.embed_dim, self.encoder.patch_size
+        self.patch_dim = p * p * self.encoder.patch_embed.proj.in_channels
+        self.decoder = MAEDecoder(self.encoder.grid, d, method_cfg.decoder_dim, method_cfg.decoder_depth,
+                                  method_cfg.decoder_heads, out_dim=2 * self.patch_dim,
+                                  num_prefix=o.num_cls_tokens, timestep_cond=True)
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.diffusion_steps).float(),
+                             persistent=False)
+        self.clean_ratio, self.noised_ratio = method_cfg.mask_ratio, o.noised_mask_ratio
+        self.no_noise_prob, self.steps = o.no_noise_prob, o.diffusion_steps
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float):
+        """Masked encode/decode at timesteps t (B,): ((x0, eps) predictions (B, L, P) each, mask)."""
+        m = random_masking(x.shape[0], self.encoder.num_patches, mask_ratio, x.device)
+        out = self.decoder(self.encoder(x, m.ids_keep, t), m.ids_restore, t)  # (B, L, 2P)
+        return out[..., :self.patch_dim], out[..., self.patch_dim:], m.mask.to(out.dtype)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x0 = batch["image"]                                                  # (B, C, H, W)
+        b, p = x0.shape[0], self.encoder.patch_size
+        n_clean = round(b * self.no_noise_prob)
+        zero = x0.sum() * 0
+        mae_loss = dit_loss = x0_loss = eps_loss = zero
+        if n_clean:
+            clean = x0[:n_clean]
+            t0 = torch.zeros(n_clean, dtype=torch.long, device=x0.device)
+            pred_x0, _, mask = self.predict(clean, t0, self.clean_ratio)
+            mae_loss = masked_mse_or_zero(pred_x0, patchify(clean, p), mask)
+        if n_clean < b:
+            x = x0[n_clean:]
+            t = torch.randint(0, self.steps, (b - n_clean,), device=x0.device)
+            xt, eps = add_noise(x, self.alphas_cumprod[t])
+            pred_x0, pred_eps, mask = self.predict(xt, t + 1, self.noised_ratio)
+            x0_loss = masked_mse_or_zero(pred_x0, patchify(x, p), mask)
+            eps_loss = masked_mse_or_zero(pred_eps, patchify(eps, p), 1 - mask)
+            dit_loss = (eps_loss + x0_loss) / 2
+        r = n_clean / b
+        return {"loss": dit_loss * (1 - r) + mae_loss * r, "mae_loss": mae_loss,
+                "dit_loss": dit_loss, "x0_loss": x0_loss, "eps_loss": eps_loss}

@@ -1,0 +1,110 @@
+"""UMD against shared/methods.md, written independently of the implementation: the loss is
+recomputed in pixel space from the captured predictions, masks, timesteps and noise."""
+import math
+
+import torch
+
+import hpc_mim.methods.umd as umd_module
+from hpc_mim.config import load_config
+from hpc_mim.methods import build_method
+
+
+def to_image(patches, p, c, g):
+    """(B, L, p*p*c) in (row-major patches, (p, q, c) pixels) -> (B, c, g*p, g*p), by loops."""
+    b = patches.shape[0]
+    img = torch.zeros(b, c, g * p, g * p)
+    for n in range(b):
+        for idx in range(g * g):
+            r, q = divmod(idx, g)
+            block = patches[n, idx].reshape(p, p, c).permute(2, 0, 1)
+            img[n, :, r * p:(r + 1) * p, q * p:(q + 1) * p] = block
+    return img
+
+
+def pixel_mask(mask, p, g):
+    return mask.reshape(-1, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+
+def mse_on(pred, target, where):
+    where = where.expand_as(pred)
+    return ((pred - target) ** 2 * where).sum() / where.sum()
+
+
+def cosine_alpha_bar(t, steps=1000, s=0.008):
+    """Telescoped cosine schedule: alpha_bar(t) = f(t + 1) / f(0) (no beta is clipped early on)."""
+    f = lambda u: math.cos((u / steps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return f(t + 1) / f(0)
+
+
+def test_weighted_x0_and_eps_losses(monkeypatch):
+    cfg = load_config("umd", "smoke")
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.method)
+    p, c, g = 4, 3, 7
+    rec = {"masks": [], "noise": [], "dec": [], "t": []}
+    real_masking, real_noise = umd_module.random_masking, umd_module.add_noise
+
+    def masking(*a, **k):
+        m = real_masking(*a, **k)
+        rec["masks"].append(m.mask)
+        return m
+
+    def noise(x0, alpha_bar):
+        xt, eps = real_noise(x0, alpha_bar)
+        rec["noise"].append((alpha_bar, eps, xt))
+        return xt, eps
+
+    monkeypatch.setattr(umd_module, "random_masking", masking)
+    monkeypatch.setattr(umd_module, "add_noise", noise)
+    def on_decoder(module, args, output):
+        rec["dec"].append(output)
+        rec["t"].append(args[2])
+
+    method.decoder.register_forward_hook(on_decoder)
+    x0 = torch.randn(8, 3, 28, 28)
+    out = method({"image": x0})
+
+    (mask_clean, mask_noised), ((alpha_bar, eps, xt),) = rec["masks"], rec["noise"]
+    assert mask_clean.sum(1).tolist() == [49 - int(49 * 0.25)] * 4           # 0.75 masked
+    assert mask_noised.sum(1).tolist() == [49 - int(49 * 0.625)] * 4         # 0.375 masked
+    t_clean, t_model = rec["t"]
+    assert t_clean.tolist() == [0] * 4 and t_model.min() >= 1                # run at t + 1
+    for i, t in enumerate((t_model - 1).tolist()):
+        assert math.isclose(alpha_bar[i].item(), cosine_alpha_bar(t), rel_tol=1e-4, abs_tol=1e-6)
+    a = alpha_bar.view(-1, 1, 1, 1)
+    assert torch.allclose(xt, a.sqrt() * x0[4:] + (1 - a).sqrt() * eps, atol=1e-6)
+
+    clean_out, noised_out = rec["dec"]
+    P = p * p * c
+    mae = mse_on(to_image(clean_out[..., :P], p, c, g), x0[:4], pixel_mask(mask_clean, p, g))
+    x0_loss = mse_on(to_image(noised_out[..., :P], p, c, g), x0[4:], pixel_mask(mask_noised, p, g))
+    eps_loss = mse_on(to_image(noised_out[..., P:], p, c, g), eps, 1 - pixel_mask(mask_noised, p, g))
+    dit = (eps_loss + x0_loss) / 2
+    expected = dit * 0.5 + mae * 0.5                                          # r = 4 / 8 clean
+    for key, value in (("mae_loss", mae), ("x0_loss", x0_loss), ("eps_loss", eps_loss),
+                       ("dit_loss", dit), ("loss", expected)):
+        assert math.isclose(out[key].item(), value.item(), rel_tol=1e-5), key
+
+
+def test_encoder_has_four_cls_tokens_averaged_into_the_representation():
+    cfg = load_config("umd", "smoke")
+    method = build_method(cfg.model, cfg.method).eval()
+    x = torch.randn(2, 3, 28, 28)
+    tokens = method.encoder(x)
+    assert tokens.shape == (2, 4 + 49, 32)
+    assert torch.allclose(method.encoder.pooled(x, "cls"), tokens[:, :4].mean(1), atol=1e-6)
+
+
+def test_timestep_conditioning_changes_the_encoding():
+    cfg = load_config("umd", "smoke")
+    method = build_method(cfg.model, cfg.method).eval()
+    for block in method.encoder.blocks:          # leave adaLN-Zero's identity start
+        torch.nn.init.normal_(block.modulation[1].weight, std=0.1)
+    x = torch.randn(2, 3, 28, 28)
+    t0 = method.encoder(x)
+    assert torch.equal(t0, method.encoder(x, t=torch.zeros(2, dtype=torch.long)))  # default t = 0
+    assert not torch.allclose(t0, method.encoder(x, t=torch.full((2,), 500)))
+
+
+def test_umd_config_clips_gradients_at_one():
+    assert load_config("umd").train.clip_grad == 1.0

@@ -1,0 +1,61 @@
+"""Synced BatchNorm over gloo: two ranks with half a batch each behave like one BatchNorm on the
+whole batch (outputs, input gradients, summed weight gradients, running statistics)."""
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hpc_mim.models.heads import SyncBatchNorm1d, mlp_head
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(12, 6, generator=g) * 3 + 1, torch.randn(12, 6, generator=g)
+
+
+def worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x, w = data()
+    x = x[rank * 6:(rank + 1) * 6].clone().requires_grad_(True)
+    bn = SyncBatchNorm1d(6)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2, 6))
+    y = bn(x)
+    (y * w[rank * 6:(rank + 1) * 6]).sum().backward()
+    out[rank] = (y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_batchnorm_on_the_whole_batch():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(worker, args=(port, out), nprocs=2, join=True)
+
+    x, w = data()
+    x.requires_grad_(True)
+    bn = torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2, 6))
+    y = bn(x)
+    (y * w).sum().backward()
+    assert torch.allclose(torch.cat([out[0][0], out[1][0]]), y, atol=1e-5)
+    assert torch.allclose(torch.cat([out[0][1], out[1][1]]), x.grad, atol=1e-5)
+    assert torch.allclose(out[0][2] + out[1][2], bn.weight.grad, atol=1e-4)
+    assert torch.allclose(out[0][3] + out[1][3], bn.bias.grad, atol=1e-4)
+    assert torch.allclose(out[0][4], bn.running_mean, atol=1e-5)
+    assert torch.allclose(out[0][5], bn.running_var, atol=1e-5)
+
+
+def test_single_process_is_plain_batchnorm_and_heads_have_the_right_shape():
+    x, _ = data()
+    bn, ref = SyncBatchNorm1d(6), torch.nn.BatchNorm1d(6)
+    assert torch.allclose(bn(x), ref(x))
+    head = mlp_head(6, 16, 6, layers=3, norm="ln", act=torch.nn.GELU, out_norm=True)
+    linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+    assert [m.weight.shape for m in linears] == [(16, 6), (16, 16), (6, 16)]
+    assert all(m.bias is None for m in linears) and isinstance(head[-1], torch.nn.LayerNorm)
