@@ -21,5 +21,5 @@ def add_noise(x0: torch.Tensor, alpha_bar: torch.Tensor,
     """``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` with a per-sample ``alpha_bar`` (B,).
     Returns (x_t, eps); x0 of any shape (B, ...)."""
     eps = torch.randn_like(x0) if eps is None else eps
-    a = alpha_bar.to(x0.dtype).reshape(-1, *([1] * (x0.dim() - 1)))
-    return a.sqrt() * x0 + (1 - a).sqrt() * eps, eps
+    a = alpha_bar.float().reshape(-1, *([1] * (x0.dim() - 1)))       # coefficients in fp32
+    return (a.sqrt() * x0.float() + (1 - a).sqrt() * eps.float()).to(x0.dtype), eps

@@ -87,8 +87,8 @@ class NoisedMIM(MIMMethod):
             feat_in = method_cfg.decoder_dim
         if o.noise_target == "features":
             self.feature_head = nn.Linear(feat_in, d)
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.noise_steps).float(),
-                             persistent=False)
+        # a float64 table, not a buffer: under bf16 DeepSpeed would round alpha_bar near 1 to 1
+        self.alphas_cumprod = cosine_alphas_cumprod(o.noise_steps)
         self.terms = ("mask_loss", "noise_loss") + (("disruption",) if o.disruption_weight > 0 else ())
 
     def _noise(self, x: torch.Tensor, which: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class NoisedMIM(MIMMethod):
         b, L = imgs.shape[0], enc.num_patches
         masked, noised = hybrid_masking(b, L, self.mask_ratio, o.noise_ratio, imgs.device)
         t = torch.randint(0, o.noise_steps, (b,), device=imgs.device)
-        alpha_bar = self.alphas_cumprod[t]
+        alpha_bar = self.alphas_cumprod[t.cpu()].to(t.device)
         patches = patchify(imgs, enc.patch_size)                             # (B, L, P)
         if k == 0:                                                           # pixel-space noise
             imgs = unpatchify(self._noise(patches, noised, alpha_bar), enc.patch_size,

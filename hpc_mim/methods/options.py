@@ -21,7 +21,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 class NoisedMIMOptions:
     """Hybrid masking + feature-space denoising inside the encoder (arXiv 2412.19104)."""
     style: str = "encoder"              # encoder (paper) | decoder (MAE-style ablation)
-    noise_ratio: float = 0.25           # fraction of tokens noised; method.mask_ratio are masked
+    noise_ratio: float = 0.2            # fraction of tokens noised; method.mask_ratio are masked
     noise_block: int = 2                # noise added to hidden states after this block; 0 = pixels
     noise_target: str = "pixels"        # what noised tokens regress: pixels (norm_pix) | features
     noise_steps: int = 1000             # cosine schedule length; t ~ U{0, ..., steps-1}

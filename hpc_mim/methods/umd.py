@@ -53,8 +53,8 @@ class UMD(MIMMethod):
         self.decoder = MAEDecoder(self.encoder.grid, d, method_cfg.decoder_dim, method_cfg.decoder_depth,
                                   method_cfg.decoder_heads, out_dim=2 * self.patch_dim,
                                   num_prefix=o.num_cls_tokens, timestep_cond=True)
-        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.diffusion_steps).float(),
-                             persistent=False)
+        # a float64 table, not a buffer: under bf16 DeepSpeed would round alpha_bar near 1 to 1
+        self.alphas_cumprod = cosine_alphas_cumprod(o.diffusion_steps)
         self.clean_ratio, self.noised_ratio = method_cfg.mask_ratio, o.noised_mask_ratio
         self.no_noise_prob, self.steps = o.no_noise_prob, o.diffusion_steps
 
@@ -78,7 +78,7 @@ class UMD(MIMMethod):
         if n_clean < b:
             x = x0[n_clean:]
             t = torch.randint(0, self.steps, (b - n_clean,), device=x0.device)
-            xt, eps = add_noise(x, self.alphas_cumprod[t])
+            xt, eps = add_noise(x, self.alphas_cumprod[t.cpu()].to(t.device))
             pred_x0, pred_eps, mask = self.predict(xt, t + 1, self.noised_ratio)
             x0_loss = masked_mse_or_zero(pred_x0, patchify(x, p), mask)
             eps_loss = masked_mse_or_zero(pred_eps, patchify(eps, p), 1 - mask)

@@ -71,7 +71,7 @@ def test_weighted_x0_and_eps_losses(monkeypatch):
     assert t_clean.tolist() == [0] * 4 and t_model.min() >= 1                # run at t + 1
     for i, t in enumerate((t_model - 1).tolist()):
         assert math.isclose(alpha_bar[i].item(), cosine_alpha_bar(t), rel_tol=1e-4, abs_tol=1e-6)
-    a = alpha_bar.view(-1, 1, 1, 1)
+    a = alpha_bar.float().view(-1, 1, 1, 1)
     assert torch.allclose(xt, a.sqrt() * x0[4:] + (1 - a).sqrt() * eps, atol=1e-6)
 
     clean_out, noised_out = rec["dec"]
