@@ -18,12 +18,11 @@ class Masking:
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torch.device,
-                   generator: torch.Generator | None = None, num_keep: int | None = None) -> Masking:
+                   generator: torch.Generator | None = None) -> Masking:
     """Per-sample uniform masking (MAE, arXiv 2111.06377): keeps exactly
-    ``K = int(L * (1 - mask_ratio))`` patches per sample, or ``num_keep`` when given."""
+    ``K = int(L * (1 - mask_ratio))`` patches per sample."""
     noise = torch.rand(batch, num_patches, device=device, generator=generator)  # (B, L)
-    keep = int(num_patches * (1 - mask_ratio)) if num_keep is None else num_keep
-    return masking_from_shuffle(torch.argsort(noise, dim=1), keep)
+    return masking_from_shuffle(torch.argsort(noise, dim=1), int(num_patches * (1 - mask_ratio)))
 
 
 def masking_from_shuffle(ids_shuffle: torch.Tensor, keep: int) -> Masking:

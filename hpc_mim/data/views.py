@@ -12,15 +12,12 @@ from typing import Callable, Sequence
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-_GRAY = torch.tensor([0.299, 0.587, 0.114])          # ITU-R 601 luma, as torchvision
-
-
 def _per_sample(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
     return torch.empty(b, 1, 1, 1, device=device).uniform_(lo, hi)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    return (x * _GRAY.to(x).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
+    return TF.rgb_to_grayscale(x, num_output_channels=3)
 
 
 def strong_color(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +37,7 @@ def strong_color(x: torch.Tensor) -> torch.Tensor:
 
     choice = torch.randint(0, 3, (b,), device=dev).view(b, 1, 1, 1)
     x = torch.where(choice == 0, _grayscale(x), x)
-    x = torch.where((choice == 1) & (x >= 0.5), 1 - x, x)
+    x = torch.where(choice == 1, TF.solarize(x, 0.5), x)
     blur = (choice.view(-1) == 2).nonzero().view(-1).tolist()
     if blur:
         k = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpc_mim.masking import noncontiguous_grid, random_masking
+from hpc_mim.masking import masking_from_shuffle, noncontiguous_grid
 from hpc_mim.methods.base import MIMMethod
 from hpc_mim.methods.ema import EMATeacher, cosine_momentum
 from hpc_mim.models.cross_decoder import CrossAttentionDecoder
@@ -85,8 +85,9 @@ class LatentMIM(MIMMethod):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         enc = self.encoder
         x = noncontiguous_grid(batch["image"], enc.grid[0], enc.patch_size, self.gap)  # (B, C, gp, gp)
-        m = random_masking(x.shape[0], enc.num_patches, 0.0, x.device, num_keep=self.num_keep)
-        ids_target = m.ids_restore.argsort(dim=1)[:, self.num_keep:]         # (B, T) the hidden ones
+        ids = torch.argsort(torch.rand(x.shape[0], enc.num_patches, device=x.device), dim=1)
+        m = masking_from_shuffle(ids, self.num_keep)
+        ids_target = ids[:, self.num_keep:]                                  # (B, T) the hidden ones
         vis = self.head(enc(x, m.ids_keep))                                  # (B, 1+K, D)
         pred = self.decoder(vis, m.ids_keep, ids_target)                     # (B, T, D)
         with torch.no_grad():

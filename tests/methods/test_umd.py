@@ -105,6 +105,3 @@ def test_timestep_conditioning_changes_the_encoding():
     assert torch.equal(t0, method.encoder(x, t=torch.zeros(2, dtype=torch.long)))  # default t = 0
     assert not torch.allclose(t0, method.encoder(x, t=torch.full((2,), 500)))
 
-
-def test_umd_config_clips_gradients_at_one():
-    assert load_config("umd").train.clip_grad == 1.0
