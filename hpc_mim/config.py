@@ -88,19 +88,10 @@ class MethodConfig:
                f"{self.mask_ratio} must be in [0, 1): at least one patch must stay visible")
         _check(self.decoder_dim % self.decoder_heads == 0, "method.decoder_dim",
                f"{self.decoder_dim} is not divisible by method.decoder_heads={self.decoder_heads}")
-        if self.name == "noised_mim":
-            _check(self.mask_ratio + self.noised_mim.noise_ratio < 1.0, "method.mask_ratio",
-                   f"{self.mask_ratio} + method.noised_mim.noise_ratio={self.noised_mim.noise_ratio}"
-                   " must be < 1 (the two token sets are disjoint)")
-        if self.name == "lut":
-            _check(self.mask_ratio >= 0.5, "method.mask_ratio",
-                   f"{self.mask_ratio}: lut needs >= 0.5 (two disjoint visible sets from one shuffle)")
-        for section in METHOD_SECTIONS:      # model-dependent checks only for the chosen one
-            getattr(self, section).validate(depth if section == self.name else None)
-
-    def options(self) -> Any:
-        """The chosen method's own section (None for mae, which has none)."""
-        return getattr(self, self.name, None) if self.name in METHOD_SECTIONS else None
+        for section in METHOD_SECTIONS:      # checks against mask ratio / depth: chosen one only
+            chosen = section == self.name
+            getattr(self, section).validate(self.mask_ratio if chosen else None,
+                                            depth if chosen else None)
 
 
 METHOD_SECTIONS = ("noised_mim", "latent_mim", "lut", "umd")

@@ -3,8 +3,9 @@
 ``method.mask_ratio``, ``method.norm_pix_loss`` and ``method.decoder_*`` are shared by every
 method that uses them; what only one method reads lives in its own section, e.g.
 ``method.noised_mim.noise_block``. A preset may set the sections of several methods at once:
-only the chosen method's section is used (and written into the run's config). Torch-free, so
-the login-node CLI validates them before anything is queued.
+only the chosen method's section is used (and written into the run's config), and only it is
+checked against the shared ``mask_ratio`` and the model depth. Torch-free, so the login-node CLI
+validates them before anything is queued.
 """
 from __future__ import annotations
 
@@ -28,10 +29,14 @@ class NoisedMIMOptions:
     noise_loss_weight: float = 1.0
     disruption_weight: float = 0.1      # lambda of the disruption loss; 0 disables it
 
-    def validate(self, depth: int | None = None) -> None:
+    def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(self.style in ("encoder", "decoder"), "noised_mim.style",
                f"{self.style!r}; choose encoder or decoder")
         _check(0.0 < self.noise_ratio < 1.0, "noised_mim.noise_ratio", "must be in (0, 1)")
+        if mask_ratio is not None:
+            _check(mask_ratio + self.noise_ratio < 1.0, "mask_ratio",
+                   f"{mask_ratio} + method.noised_mim.noise_ratio={self.noise_ratio} must be < 1 "
+                   "(the masked and noised token sets are disjoint)")
         _check(self.noise_target in ("pixels", "features"), "noised_mim.noise_target",
                f"{self.noise_target!r}; choose pixels or features")
         _check(self.noise_block >= 0, "noised_mim.noise_block", "must be >= 0")
@@ -54,7 +59,7 @@ class LatentMIMOptions:
     sim_reg_weight: float = 0.0         # similarity regulariser c (authors' command: 0.1)
     sim_target: list[float] = field(default_factory=lambda: [0.75, 0.25])  # s, cosine start -> end
 
-    def validate(self, depth: int | None = None) -> None:
+    def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(self.gap >= 0, "latent_mim.gap", "must be >= 0")
         _check(self.head_hidden_dim > 0, "latent_mim.head_hidden_dim", "must be > 0")
         _check(self.temperature > 0, "latent_mim.temperature", "must be > 0")
@@ -69,8 +74,11 @@ class LUTOptions:
     cross_view_weight: float = 0.25
     momentum: float = 0.996             # EMA teacher, cosine to 1
 
-    def validate(self, depth: int | None = None) -> None:
+    def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(self.head_hidden_dim > 0, "lut.head_hidden_dim", "must be > 0")
+        if mask_ratio is not None:
+            _check(mask_ratio >= 0.5, "mask_ratio",
+                   f"{mask_ratio}: lut needs >= 0.5 (two disjoint visible sets from one shuffle)")
         _check(self.cross_view_weight >= 0, "lut.cross_view_weight", "must be >= 0")
         _check(0.0 <= self.momentum <= 1.0, "lut.momentum", "must be in [0, 1]")
 
@@ -83,7 +91,7 @@ class UMDOptions:
     diffusion_steps: int = 1000
     num_cls_tokens: int = 4
 
-    def validate(self, depth: int | None = None) -> None:
+    def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(0.0 <= self.noised_mask_ratio < 1.0, "umd.noised_mask_ratio", "must be in [0, 1)")
         _check(0.0 <= self.no_noise_prob <= 1.0, "umd.no_noise_prob", "must be in [0, 1]")
         _check(self.diffusion_steps >= 1, "umd.diffusion_steps", "must be >= 1")
