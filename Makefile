@@ -11,6 +11,8 @@ setup:
 
 data: setup
 	@test -f data/fmnist/train.beton || $(PY) -m data_prep.fashion_mnist --out data/fmnist
+	@test -f data/fmnist_scenes/coco/annotations/instances_val2017.json || \
+		$(PY) -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500
 
 demo: data
 	bash scripts/demo.sh $(METHOD) $(PRESET)

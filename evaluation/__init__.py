@@ -1,6 +1,9 @@
-"""Evaluations of a pre-trained run directory. Each module has ``main(run_dir)`` (the job entry)
-and a function that takes an encoder, so it can be reused without a run directory."""
+"""Evaluations of a pre-trained run directory. Each module has ``main(run_dir, dataset,
+baseline, label)`` (the job entry); which ones run after pre-training is the config's ``evals``."""
 EVALUATIONS: dict[str, str] = {
     "knn": "evaluation.knn:main",
     "linear_probe": "evaluation.linear_probe:main",
+    "finetune": "evaluation.finetune:main",
+    "segmentation": "evaluation.segmentation:main",
+    "detection": "evaluation.detection:main",
 }

@@ -1,21 +1,26 @@
-"""What every evaluation job shares: read a run directory, build features, log a child run.
+"""What every evaluation job shares: read a run directory, pick the encoders, log child runs.
 
 Only the run directory's contract is used (config.yaml, encoder.pt, tracking.json): nothing
-from the training code. ``baseline`` swaps the pre-trained encoder for a randomly initialised
-one of the same shape (``random_init``) or for the raw normalised pixels (``pixels``).
+from the training code. Each job evaluates the pre-trained encoder and each of
+``eval.baselines``: a randomly initialised encoder of the same shape (``random_init``) or the
+raw normalised pixels (``pixels``, frozen-feature evaluations only). Each is an MLflow child run
+of the pre-training run; one that raises is marked FAILED with the error as its ``error`` tag,
+and the job exits non-zero (which is what SLURM and ``jobs/submit.py --status`` report).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from hpc_mim.config import Config, read_config
+from hpc_mim.config import Config, load_config, read_config
 from hpc_mim.data.ffcv_io import build_loader, iterate
 from hpc_mim.models import build_encoder, load_encoder
 from hpc_mim.rundir import RunDir
@@ -27,6 +32,11 @@ BASELINES = ("random_init", "pixels")
 def parse_args(description: str) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--run-dir", required=True, help="run directory written by jobs/submit.py")
+    ap.add_argument("--dataset", default="", help="a dataset of configs/datasets.yaml (default: "
+                    "the evaluation's eval.<name>.dataset, else the pre-training dataset)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the run's config for this evaluation only, e.g. "
+                         "--set eval.segmentation.steps=2000 (repeatable)")
     ap.add_argument("--baseline", choices=BASELINES, default=None,
                     help="evaluate only a random-init encoder or raw pixels (default: the run's "
                          "encoder, then each of eval.baselines)")
@@ -37,22 +47,27 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_run(run_dir: str) -> tuple[RunDir, Config]:
+def load_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunDir, Config]:
+    """The run directory and its resolved config, with ``--set`` style ``overrides`` applied."""
     run = RunDir(run_dir)
+    if overrides:
+        return run, load_config(files=[str(run.config)], overrides=list(overrides))
     return run, read_config(run.config)
 
 
-def encoder_for(run: RunDir, cfg: Config, baseline: str) -> torch.nn.Module | None:
+def encoder_for(run: RunDir, cfg: Config, baseline: str, **overrides: Any) -> torch.nn.Module | None:
+    """The encoder to evaluate: the exported one, a fresh one of its architecture
+    (``random_init``), or None (``pixels``). ``overrides``: e.g. ``drop_path`` for fine-tuning."""
     if baseline == "pixels":
         return None
     if baseline == "random_init":
         torch.manual_seed(cfg.train.seed)
         if run.encoder.is_file():     # same architecture as the method exported (e.g. UMD's)
-            return load_encoder(run.encoder, weights=False)
-        return build_encoder(asdict(cfg.model))
+            return load_encoder(run.encoder, weights=False, **overrides)
+        return build_encoder(asdict(cfg.model), **overrides)
     if not run.encoder.is_file():
         raise FileNotFoundError(f"{run.encoder} missing: the pre-training job did not finish")
-    return load_encoder(run.encoder)
+    return load_encoder(run.encoder, **overrides)
 
 
 @torch.no_grad()
@@ -100,10 +115,9 @@ def cached_features(run: RunDir, cfg: Config, baselines: list[str], split: str, 
     return {b: torch.load(path(b), weights_only=True) for b in baselines}
 
 
-def split_features(run: RunDir, cfg: Config, baselines: list[str], pooling: str,
-                   max_train: int) -> dict[str, tuple]:
-    """Per encoder: (train_f, train_y, val_f, val_y, num_classes) of the evaluation dataset."""
-    info = cfg.dataset_info(cfg.eval.dataset)
+def split_features(run: RunDir, cfg: Config, baselines: list[str], info: dict[str, Any],
+                   pooling: str, max_train: int) -> dict[str, tuple]:
+    """Per encoder: (train_f, train_y, val_f, val_y, num_classes) of a classification dataset."""
     start = time.time()
     train = cached_features(run, cfg, baselines, "train", info, pooling, max_train)
     val = cached_features(run, cfg, baselines, "val", info, pooling, 0)
@@ -113,47 +127,122 @@ def split_features(run: RunDir, cfg: Config, baselines: list[str], pooling: str,
     return {b: (*train[b], *val[b], info["num_classes"]) for b in baselines}
 
 
-Compute = Callable[..., dict[str, float]]   # (train_f, train_y, val_f, val_y, classes, section)
+@dataclass
+class EvalContext:
+    """What an evaluation body gets: the run, its config, this evaluation's section, the
+    dataset's registry entry, the encoders to evaluate ("" = pre-trained) and their loggers."""
+    run: RunDir
+    cfg: Config
+    section: Any
+    info: dict[str, Any]
+    baselines: list[str]
+    loggers: dict[str, MLflowLogger]
 
 
-def run_all(run_dir: str, name: str, baseline: str | None, compute: Compute) -> dict[str, dict[str, float]]:
-    """Evaluation ``name`` of the run's encoder and each of ``eval.baselines`` (or just
-    ``baseline``): one MLflow child run each, features from one shared pass over the data,
-    ``compute``'s metrics logged and written to run/evals/. Unfinished child runs are marked
-    FAILED on any error."""
-    run, cfg = load_run(run_dir)
+# body: yields (baseline, metrics) as each encoder finishes
+Body = Callable[[EvalContext], Iterator[tuple[str, dict[str, float]]]]
+
+
+def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: str | None = None,
+             label: str = "", pixels: bool = True,
+             overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+    """Evaluation ``name`` of the run's encoder and each of ``eval.baselines`` (or only
+    ``baseline``) on ``dataset``: one MLflow child run each, named ``label`` (the job's entry in
+    ``evals``, e.g. ``linear_probe:cub``) plus ``[baseline]``; metrics also written to
+    run/evals/. ``pixels=False``: the evaluation needs an encoder (fine-tuning, dense tasks).
+    ``overrides`` (``--set``) change the run's config for this evaluation only."""
+    if baseline == "pixels" and not pixels:
+        raise ValueError(f"{name} trains through an encoder: --baseline pixels applies to the "
+                         "frozen-feature evaluations (knn, linear_probe) only")
+    run, cfg = load_run(run_dir, overrides)
     section = getattr(cfg.eval, name)
+    dataset = dataset or section.dataset or cfg.data.dataset
+    label = label or name
     baselines = [baseline] if baseline is not None else ["", *cfg.eval.baselines]
-    params = {name: asdict(section), "dataset": cfg.eval.dataset or cfg.data.dataset}
-    loggers = {b: child_run(run, name, b, params) for b in baselines}
+    baselines = [b for b in baselines if pixels or b != "pixels"]
+    params = {name: {**asdict(section), "dataset": dataset}}
+    loggers = {b: child_run(run, label, name, b, dataset, params) for b in baselines}
     results: dict[str, dict[str, float]] = {}
     try:
-        feats = split_features(run, cfg, baselines, section.pooling, section.max_train_samples)
-        for b in baselines:
-            results[b or "pretrained"] = finish(run, loggers.pop(b), name, b, compute(*feats[b], section))
-    except BaseException:
+        info = cfg.dataset_info(dataset, key=f"eval.{name}.dataset")
+        for b, metrics in body(EvalContext(run, cfg, section, info, baselines, dict(loggers))):
+            results[b or "pretrained"] = finish(run, loggers.pop(b), label, b, metrics)
+    except BaseException as e:
         for logger in loggers.values():
+            logger.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
             logger.finish("FAILED")
         raise
     return results
 
 
-def child_run(run: RunDir, name: str, baseline: str, params: dict[str, Any]) -> MLflowLogger:
+def frozen(compute: Callable[..., dict[str, float]]) -> Body:
+    """A body for frozen-feature evaluations: features of every encoder from one pass over the
+    data, then ``compute(train_f, train_y, val_f, val_y, num_classes, section)`` per encoder."""
+    def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
+        s = ctx.section
+        feats = split_features(ctx.run, ctx.cfg, ctx.baselines, ctx.info, s.pooling, s.max_train_samples)
+        for b in ctx.baselines:
+            yield b, compute(*feats[b], s)
+    return body
+
+
+def child_run(run: RunDir, label: str, name: str, baseline: str, dataset: str,
+              params: dict[str, Any]) -> MLflowLogger:
     """An MLflow child run of the pre-training run, named e.g. ``knn`` or ``knn[pixels]``."""
     tracking = run.read_tracking()
-    label = f"{name}[{baseline}]" if baseline else name
-    logger = MLflowLogger.create_run(tracking["uri"], tracking["experiment_id"], label,
-                                     parent_run_id=tracking["run_id"],
-                                     tags={"eval": name, "baseline": baseline or "pretrained"})
+    logger = MLflowLogger.create_run(
+        tracking["uri"], tracking["experiment_id"], f"{label}[{baseline}]" if baseline else label,
+        parent_run_id=tracking["run_id"],
+        tags={"eval": name, "job": label, "dataset": dataset, "baseline": baseline or "pretrained"})
     logger.log_params(params)
     return logger
 
 
-def finish(run: RunDir, logger: MLflowLogger, name: str, baseline: str,
+def finish(run: RunDir, logger: MLflowLogger, label: str, baseline: str,
            metrics: dict[str, float]) -> dict[str, float]:
-    label = f"{name}[{baseline}]" if baseline else name
+    name = f"{label}[{baseline}]" if baseline else label
     logger.log_metrics(metrics, step=0)
     logger.finish("FINISHED")
-    run.write_eval(label, metrics)
-    print(f"[eval] {label}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+    run.write_eval(name, metrics)
+    print(f"[eval] {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     return metrics
+
+
+# ----------------------------------------------------------------- trained (dense) evaluations
+
+def train_loader(dataset: Dataset, batch_size: int, cfg: Config,
+                 collate_fn: Callable | None = None) -> DataLoader:
+    """Shuffled, full batches, seeded by ``train.seed``: every encoder sees the same batches."""
+    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
+                        num_workers=cfg.data.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.train.seed))
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {batch_size}")
+    return loader
+
+
+def fit(model: torch.nn.Module, loader: DataLoader, steps: int, opt: torch.optim.Optimizer,
+        sched: Any, step_loss: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
+        logger: MLflowLogger, tag: str) -> float:
+    """``steps`` iterations (the dense benchmarks count iterations, not epochs) over ``loader``,
+    reshuffled at each pass; ``step_loss(model, batch)`` returns the loss terms, whose sum is
+    minimised. Progress printed and logged 20 times. Returns the last loss."""
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    every, start, total = max(1, steps // 20), time.time(), float("nan")
+    model.train()
+    for step, batch in zip(range(steps), batches):
+        sched.step_update(step)
+        terms = step_loss(model, batch)
+        loss = sum(terms.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total = loss.item()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            rate = (step + 1) * loader.batch_size / (time.time() - start)
+            parts = " ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) if len(terms) > 1 else ""
+            print(f"[{tag}] step {step + 1}/{steps} loss {total:.4f} {parts} lr "
+                  f"{opt.param_groups[-1]['lr']:.2e} {rate:.0f} img/s", flush=True)
+            logger.log_metrics({"train/loss": total, **{f"train/{k}": v.item() for k, v in terms.items()
+                                                        if len(terms) > 1}}, step=step + 1)
+    return total

@@ -4,14 +4,14 @@ Caron et al. arXiv 2104.14294, facebookresearch/dino:eval_knn.py).
 Features are L2-normalised; each test sample takes the k most cosine-similar training samples,
 whose labels vote with weight exp(sim / T), T = 0.07.
 
-    python -m evaluation.knn --run-dir runs/<name> [--baseline random_init|pixels]
+    python -m evaluation.knn --run-dir runs/<name> [--dataset NAME] [--set KEY=VALUE] [--baseline random_init|pixels]
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from evaluation.common import parse_args, run_all
+from evaluation.common import frozen, parse_args, run_eval
 
 
 @torch.no_grad()
@@ -46,10 +46,11 @@ def compute(train_f, train_y, val_f, val_y, num_classes: int, kc) -> dict[str, f
     return metrics
 
 
-def main(run_dir: str, baseline: str | None = None) -> dict[str, dict[str, float]]:
-    return run_all(run_dir, "knn", baseline, compute)
+def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",
+         overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+    return run_eval(run_dir, "knn", frozen(compute), dataset, baseline, label, overrides=overrides)
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__)
-    main(args.run_dir, args.baseline)
+    main(args.run_dir, args.dataset, args.baseline, overrides=args.set)

@@ -6,7 +6,7 @@ frozen, so features are extracted once (center crop, no augmentation) and the he
 them in memory, as dinov2's linear eval does: the MAE recipe's per-epoch random crops through the
 frozen encoder would cost one encoder pass per epoch for a small gain.
 
-    python -m evaluation.linear_probe --run-dir runs/<name> [--baseline random_init|pixels]
+    python -m evaluation.linear_probe --run-dir runs/<name> [--dataset NAME] [--set KEY=VALUE] [--baseline random_init|pixels]
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from evaluation.common import parse_args, run_all
+from evaluation.common import frozen, parse_args, run_eval
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Module:
@@ -60,10 +60,12 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tenso
             "train_loss": loss.item()}
 
 
-def main(run_dir: str, baseline: str | None = None) -> dict[str, dict[str, float]]:
-    return run_all(run_dir, "linear_probe", baseline, train_probe)
+def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",
+         overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+    return run_eval(run_dir, "linear_probe", frozen(train_probe), dataset, baseline, label,
+                    overrides=overrides)
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__)
-    main(args.run_dir, args.baseline)
+    main(args.run_dir, args.dataset, args.baseline, overrides=args.set)

@@ -3,7 +3,8 @@
     python -m evaluation.report --run-dir runs/<a> [--run-dir runs/<b> ...] [--json out.json]
 
 For each run: the pre-training run's method and final loss, and every evaluation child run
-(pre-trained encoder and baselines) as one row per encoder with a column per evaluation.
+(pre-trained encoder and baselines) as one row per encoder with a column per evaluation job
+(its headline metric: top-1, mIoU, box AP and mask AP); a job that failed shows its status.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from hpc_mim.rundir import RunDir
 from hpc_mim.tracking import fetch_runs
 
-COLUMNS = (("knn", "top1", "kNN top-1"), ("linear_probe", "top1", "linear top-1"))
+HEADLINE = {"knn": ["top1"], "linear_probe": ["top1"], "finetune": ["top1"],
+            "segmentation": ["miou"], "detection": ["box_ap", "mask_ap"]}
+ORDER = list(HEADLINE)
 
 
 def collect(run_dir: str) -> dict:
@@ -23,28 +26,40 @@ def collect(run_dir: str) -> dict:
     tracking = run.read_tracking()
     parent, *children = fetch_runs(tracking["uri"], tracking["experiment_id"], tracking["run_id"])
     rows: dict[str, dict[str, float]] = {}
-    for child in children:
+    jobs: dict[str, str] = {}                       # job label -> evaluation name
+    # oldest first: an evaluation re-run on the same run supersedes the earlier one
+    for child in sorted(children, key=lambda c: c.info.start_time):
         encoder = child.data.tags.get("baseline", "pretrained")
         name = child.data.tags.get("eval", child.info.run_name)
+        job = child.data.tags.get("job", name)
+        jobs[job] = name
         for key, value in child.data.metrics.items():
-            rows.setdefault(encoder, {})[f"{name}/{key}"] = value
-        rows.setdefault(encoder, {})[f"{name}/status"] = child.info.status
+            rows.setdefault(encoder, {})[f"{job}/{key}"] = value
+        rows.setdefault(encoder, {})[f"{job}/status"] = child.info.status
     return {"run": run.root.name, "method": parent.data.tags.get("method", "?"),
             "status": parent.info.status, "final_loss": parent.data.metrics.get("train/loss"),
-            "rows": rows}
+            "jobs": jobs, "rows": rows}
+
+
+def columns(reports: list[dict]) -> list[tuple[str, str]]:
+    """(job, metric) pairs, evaluations in ORDER, then by job label."""
+    jobs = {job: name for rep in reports for job, name in rep["jobs"].items()}
+    ordered = sorted(jobs, key=lambda j: (ORDER.index(jobs[j]) if jobs[j] in ORDER else 99, j))
+    return [(job, metric) for job in ordered for metric in HEADLINE.get(jobs[job], ["top1"])]
 
 
 def format_table(reports: list[dict]) -> str:
-    header = ["run", "method", "encoder", *[label for _, _, label in COLUMNS]]
+    cols = columns(reports)
+    header = ["run", "method", "encoder", *[f"{job} {metric}" for job, metric in cols]]
     lines = [header]
     order = {"pretrained": 0, "random_init": 1, "pixels": 2}
     for rep in reports:
         for encoder in sorted(rep["rows"], key=lambda e: order.get(e, 9)):
             row = rep["rows"][encoder]
             cells = []
-            for name, metric, _ in COLUMNS:
-                value = row.get(f"{name}/{metric}")
-                cells.append(f"{value:.1f}" if value is not None else row.get(f"{name}/status", "-"))
+            for job, metric in cols:
+                value = row.get(f"{job}/{metric}")
+                cells.append(f"{value:.1f}" if value is not None else row.get(f"{job}/status", "-"))
             lines.append([rep["run"], rep["method"], encoder, *cells])
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines)

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from hpc_mim import datasets
+from hpc_mim.eval_options import EVAL_KINDS, EvalConfig, parse_entry
 from hpc_mim.methods.options import LatentMIMOptions, LUTOptions, NoisedMIMOptions, UMDOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -108,9 +110,9 @@ class DataConfig:
     max_train_samples: int = 0          # 0 = all; a prefix subset for quick runs
 
     def validate(self) -> None:
-        datasets = load_dataset_registry()
-        _check(self.dataset in datasets, "data.dataset",
-               f"unknown dataset {self.dataset!r}; configs/datasets.yaml has {sorted(datasets)}")
+        info = datasets.dataset_info(self.dataset, self.root)
+        _check(info["kind"] == "classification", "data.dataset",
+               f"{self.dataset!r} is a {info['kind']} dataset; pre-training reads .beton files")
         lo, hi = (self.crop_scale + [0, 0])[:2]
         _check(len(self.crop_scale) == 2 and 0 < lo <= hi <= 1, "data.crop_scale",
                f"{self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
@@ -207,51 +209,6 @@ class ClusterConfig:
 
 
 @dataclass
-class KNNConfig:
-    """DINO's weighted kNN: L2-normalised features, votes weighted by exp(sim / T)."""
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    temperature: float = 0.07
-    pooling: str = "cls"                # cls | mean
-    max_train_samples: int = 0
-
-
-@dataclass
-class LinearProbeConfig:
-    """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, LARS."""
-    epochs: int = 90
-    warmup_epochs: int = 10
-    batch_size: int = 16384
-    blr: float = 0.1                    # lr = blr * batch_size / 256
-    weight_decay: float = 0.0
-    pooling: str = "cls"
-    max_train_samples: int = 0
-
-
-@dataclass
-class EvalConfig:
-    run: list[str] = field(default_factory=lambda: ["knn", "linear_probe"])
-    dataset: str = ""                   # "" = the pre-training dataset
-    batch_size: int = 256               # feature extraction batch
-    baselines: list[str] = field(default_factory=list)  # also evaluate: random_init, pixels
-    knn: KNNConfig = field(default_factory=KNNConfig)
-    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-
-    def validate(self) -> None:
-        # every evaluation has its own section here, so the section names are the valid names
-        names = sorted(k for k, tp in typing.get_type_hints(type(self)).items()
-                       if dataclasses.is_dataclass(tp))
-        for name in self.run:
-            _check(name in names, "eval.run", f"unknown evaluation {name!r}; choose from {names}")
-        for key in ("knn.pooling", "linear_probe.pooling"):
-            section, attr = key.split(".")
-            value = getattr(getattr(self, section), attr)
-            _check(value in ("cls", "mean"), f"eval.{key}", f"{value!r}; choose cls or mean")
-        for name in self.baselines:
-            _check(name in ("random_init", "pixels"), "eval.baselines",
-                   f"unknown baseline {name!r}; choose from ['pixels', 'random_init']")
-
-
-@dataclass
 class Config:
     name: str = ""                      # run name; "" = <method>-<timestamp>
     runs_root: str = "runs"
@@ -263,6 +220,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # evaluations chained after pre-training: "name" or "name:dataset" (hpc_mim/eval_options.py)
+    evals: list[str] = field(default_factory=lambda: ["knn", "linear_probe"])
 
     def validate(self) -> "Config":
         for f in dataclasses.fields(self):
@@ -272,7 +231,23 @@ class Config:
         self.method.validate(depth=self.model.depth)   # noise_block is checked against depth
         world = self.cluster.nodes * self.cluster.tasks_per_node
         self.train.accumulation(world)
+        labels = [label for label, _, _ in self.eval_jobs()]       # also checks every dataset
+        _check(len(set(labels)) == len(labels), "evals", f"{self.evals} lists a job twice")
         return self
+
+    def eval_jobs(self) -> list[tuple[str, str, str]]:
+        """(job label, evaluation, dataset) per ``evals`` entry; the dataset resolved (entry,
+        else the section's, else the pre-training one) and checked to be of the right kind."""
+        jobs = []
+        for entry in self.evals:
+            name, dataset = parse_entry(entry)
+            dataset = dataset or getattr(self.eval, name).dataset or self.data.dataset
+            info = self.dataset_info(dataset, key="evals")
+            _check(info["kind"] == EVAL_KINDS[name], "evals",
+                   f"{entry!r}: {dataset!r} is a {info['kind']} dataset; {name} needs a "
+                   f"{EVAL_KINDS[name]} one (configs/datasets.yaml)")
+            jobs.append((entry, name, dataset))
+        return jobs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict; of the per-method sections only the chosen method's is kept."""
@@ -282,34 +257,14 @@ class Config:
                 del out["method"][section]
         return out
 
-    def dataset_info(self, name: str = "") -> dict[str, Any]:
-        """Registry entry of a dataset with its .beton paths made absolute."""
-        return dataset_info(name or self.data.dataset, self.data.root)
+    def dataset_info(self, name: str = "", key: str = "data.dataset") -> dict[str, Any]:
+        """Registry entry of a dataset with its paths made absolute (hpc_mim/datasets.py)."""
+        return datasets.dataset_info(name or self.data.dataset, self.data.root, key)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
-
-
-# --------------------------------------------------------------------------- datasets registry
-
-def load_dataset_registry() -> dict[str, dict[str, Any]]:
-    path = CONFIG_DIR / "datasets.yaml"
-    with open(path) as f:
-        return yaml_load(f)
-
-
-def dataset_info(name: str, root: str) -> dict[str, Any]:
-    registry = load_dataset_registry()
-    if name not in registry:
-        raise ConfigError(f"data.dataset: unknown dataset {name!r}; configs/datasets.yaml has "
-                          f"{sorted(registry)}")
-    info = dict(registry[name], name=name)
-    base = Path(root).resolve()             # relative to the current directory
-    for split in ("train", "val"):
-        info[split] = str(base / info[split])
-    return info
 
 
 # --------------------------------------------------------------------------- composition

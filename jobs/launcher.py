@@ -1,16 +1,21 @@
 """The one submitit launcher (the only module that imports submitit).
 
-Every job, whatever it runs, executes ``run_entry(entry, kwargs)``: it turns submitit's job
-environment into torchrun-style variables (so hpc_mim.distributed needs no submitit) and calls
-``module:function(**kwargs)``. ``Launcher`` submits a ``JobSpec`` to SLURM (dependencies via
+Every job, whatever it runs, executes ``run_entry(entry, kwargs, status_file)``: it turns
+submitit's job environment into torchrun-style variables (so hpc_mim.distributed needs no
+submitit), calls ``module:function(**kwargs)``, and records RUNNING / COMPLETED / FAILED (with
+the error) in ``status_file`` for ``jobs/submit.py --status``. ``Launcher`` submits a
+``JobSpec`` to SLURM (dependencies via
 ``afterok``), to local subprocesses, or in-process (debug).
 """
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import shutil
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,13 +26,24 @@ from jobs.plan import JobSpec
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
-def run_entry(entry: str, kwargs: dict[str, Any]) -> Any:
-    """Job body: export rank/world/rendezvous, then call ``entry``."""
+def write_status(path: Path, state: str, **fields: Any) -> None:
+    """Atomically replace the job's status record."""
+    from hpc_mim.rundir import atomic_write_text
+    record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    atomic_write_text(Path(path), json.dumps(record, indent=2))
+
+
+def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None) -> Any:
+    """Job body: export rank/world/rendezvous, call ``entry``, record how it ended (rank 0)."""
     from hpc_mim.distributed.env import DistEnv, port_for_job, slurm_master_addr
     try:
         job = submitit.JobEnvironment()
     except RuntimeError:          # debug executor: this very process, one task
         job = None
+    record = status_file is not None and (job is None or job.global_rank == 0)
+    job_id = job.job_id if job is not None else "debug"
+    if record:
+        write_status(status_file, "RUNNING", job_id=job_id, host=os.uname().nodename)
     if job is not None and job.num_tasks > 1:
         on_slurm = "SLURM_JOB_ID" in os.environ
         DistEnv(rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
@@ -35,7 +51,16 @@ def run_entry(entry: str, kwargs: dict[str, Any]) -> Any:
                 master_addr=slurm_master_addr() if on_slurm else "127.0.0.1",
                 master_port=port_for_job(job.job_id)).export()
     module, func = entry.split(":")
-    return getattr(importlib.import_module(module), func)(**kwargs)
+    try:
+        result = getattr(importlib.import_module(module), func)(**kwargs)
+    except BaseException as e:
+        if record:
+            write_status(status_file, "FAILED", job_id=job_id, error=f"{type(e).__name__}: {e}"[:2000],
+                         traceback=traceback.format_exc()[-4000:])
+        raise
+    if record:
+        write_status(status_file, "COMPLETED", job_id=job_id)
+    return result
 
 
 def failure_reason(error: Exception) -> str:
@@ -91,27 +116,44 @@ class Launcher:
         ex = self.slurm_executor(spec, after_ids)
         return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
+    def status_file(self, spec: JobSpec) -> Path:
+        return self.folder / f"{spec.name}.status.json"
+
     def submit(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Job:
-        return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs)
+        return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs,
+                                                     str(self.status_file(spec)))
 
     def submit_plan(self, plan: list[JobSpec]) -> dict[str, submitit.Job]:
         """SLURM: queue every job now; the scheduler holds each until its dependencies succeed."""
         jobs: dict[str, submitit.Job] = {}
         for spec in plan:
             jobs[spec.name] = self.submit(spec, [jobs[name].job_id for name in spec.after])
+        self.write_index(plan, jobs)
         return jobs
+
+    def write_index(self, plan: list[JobSpec], jobs: dict[str, submitit.Job]) -> None:
+        """``jobs.json``: each job's id, log and status file (what ``--status`` reads)."""
+        from hpc_mim.rundir import atomic_write_text
+        index = {spec.name: {"job_id": jobs[spec.name].job_id if spec.name in jobs else None,
+                             "cluster": self.cluster, "after": spec.after,
+                             "log": self.log_path(jobs[spec.name]) if spec.name in jobs else None,
+                             "status_file": str(self.status_file(spec))}
+                 for spec in plan}
+        atomic_write_text(self.folder / "jobs.json", json.dumps(index, indent=2))
 
     def run_plan(self, plan: list[JobSpec],
                  on_start: Callable[[JobSpec, submitit.Job], None] = lambda spec, job: None) -> dict[str, str]:
         """Local / debug: run the jobs one after another (they share this machine), each only if
         the jobs it depends on succeeded. Returns job name -> "ok" or what went wrong."""
         status: dict[str, str] = {}
+        jobs: dict[str, submitit.Job] = {}
         for spec in plan:
             failed = [name for name in spec.after if status.get(name) != "ok"]
             if failed:
                 status[spec.name] = f"not started: {', '.join(failed)} did not succeed"
                 continue
-            job = self.submit(spec)
+            job = jobs[spec.name] = self.submit(spec)
+            self.write_index(plan, jobs)
             on_start(spec, job)
             try:
                 job.results()             # every task's result; raises if one failed

@@ -35,10 +35,12 @@ def build_plan(cfg: Config, run_dir: str) -> list[JobSpec]:
     pretrain = JobSpec("pretrain", PRETRAIN_ENTRY, {"run_dir": run_dir}, nodes=c.nodes,
                        tasks_per_node=c.tasks_per_node, cpus_per_task=c.cpus_per_task,
                        gpus_per_node=c.gpus_per_node, time_min=c.time_min)
-    evals = [JobSpec(name, EVALUATIONS[name], {"run_dir": run_dir}, nodes=1, tasks_per_node=1,
-                     cpus_per_task=c.cpus_per_task, gpus_per_node=min(1, c.gpus_per_node),
-                     time_min=c.eval_time_min, after=["pretrain"])
-             for name in cfg.eval.run]
+    # each evaluation depends on pre-training only: one that fails does not hold up the others
+    evals = [JobSpec(label, EVALUATIONS[name], {"run_dir": run_dir, "dataset": dataset, "label": label},
+                     nodes=1, tasks_per_node=1, cpus_per_task=c.cpus_per_task,
+                     gpus_per_node=min(1, c.gpus_per_node), time_min=c.eval_time_min,
+                     after=["pretrain"])
+             for label, name, dataset in cfg.eval_jobs()]
     return [pretrain, *evals]
 
 

@@ -3,6 +3,7 @@
     python jobs/submit.py --method mae --nodes 8 --gpus-per-node 8 --partition gpu
     python jobs/submit.py --method mae --cluster local --preset fmnist_tiny
     python jobs/submit.py --method mae --nodes 2 --dry-run
+    python jobs/submit.py --status runs/<name>          # each job's state, error, MLflow runs
 
 Everything is validated before anything is created or queued: the config (unknown keys,
 types, impossible values), the dataset files, and the runs folder. Then: the run directory
@@ -21,12 +22,14 @@ if __package__ in (None, ""):        # run as a script: make the repository impo
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hpc_mim.config import Config, ConfigError, load_config, save_config  # noqa: E402
+from hpc_mim.datasets import required_files  # noqa: E402
 from jobs.plan import build_plan, format_plan  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", required=True, help="mae, ... (hpc_mim.methods.REGISTRY)")
+    ap.add_argument("--method", help="mae, ... (hpc_mim.methods.REGISTRY)")
+    ap.add_argument("--status", metavar="RUN_DIR", help="report on a submitted run instead")
     ap.add_argument("--preset", help="configs/presets/<name>.yaml, applied after the method's YAML")
     ap.add_argument("--config", action="append", default=[], help="extra YAML file(s), applied in order")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -40,7 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="auto = slurm if sbatch is on PATH, else local subprocesses")
     ap.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<runs_root>/mlflow.db)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and sbatch scripts; queue nothing")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if not args.method and not args.status:
+        ap.error("--method is required (or --status RUN_DIR)")
+    return args
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -58,11 +64,14 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def check_inputs(cfg: Config, run_dir: Path) -> None:
     """Dataset files present and the runs folder writable, else a ConfigError naming them."""
-    for dataset in {cfg.data.dataset, cfg.eval.dataset or cfg.data.dataset}:
+    needed = {cfg.data.dataset: "data.dataset"}
+    for label, _, dataset in cfg.eval_jobs():
+        needed.setdefault(dataset, f"evals ({label})")
+    for dataset, key in needed.items():
         info = cfg.dataset_info(dataset)
-        for split in ("train", "val"):
-            if not Path(info[split]).is_file():
-                raise ConfigError(f"data.dataset={dataset}: {split} file {info[split]} not found; "
+        for path in required_files(info):
+            if not path.exists():
+                raise ConfigError(f"{key}={dataset}: {path} not found; "
                                   f"convert it first: {info.get('convert', 'see data_prep/')}")
     root = run_dir.parent
     probe = root if root.exists() else next(p for p in root.parents if p.exists())
@@ -72,8 +81,22 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"name: run directory {run_dir} already exists; pick another --set name=...")
 
 
+def status(run_dir: str) -> int:
+    """Print each job's state; exit 1 when one failed or will never start."""
+    from jobs.status import collect, format_status
+    try:
+        rows = collect(run_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_status(rows))
+    return 1 if any(r["state"] not in ("COMPLETED", "PENDING", "RUNNING") for r in rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.status:
+        return status(args.status)
     try:
         cfg = load_config(args.method, args.preset, args.config, args.set + flag_overrides(args))
         cfg.name = cfg.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -124,15 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"queued {spec.name:<14} job {jobs[spec.name].job_id}{dep}  log {launcher.log_path(jobs[spec.name])}")
         ids = ",".join(j.job_id for j in jobs.values())
         print(f"\nwatch:  squeue -j {ids}\n        tail -f {launcher.log_path(jobs['pretrain'])}"
+              f"\n        python jobs/submit.py --status {run_dir}"
               f"\n        mlflow ui --backend-store-uri {uri}")
         return 0
 
     # local / debug: run pre-training, then the evaluations, here and now
-    status = launcher.run_plan(plan, lambda spec, job: print(
+    outcome = launcher.run_plan(plan, lambda spec, job: print(
         f"running {spec.name} (log {launcher.log_path(job)})", flush=True))
-    for job_name, state in status.items():
+    for job_name, state in outcome.items():
         print(f"{job_name:<14} {state}")
-    return 0 if all(s == "ok" for s in status.values()) else 1
+    return 0 if all(s == "ok" for s in outcome.values()) else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Pre-train METHOD on Fashion-MNIST with local processes, run the chained kNN and linear-probe
-# evaluations (plus the random-init and raw-pixel baselines), and print the comparison table.
+# Pre-train METHOD on Fashion-MNIST with local processes, run the chained evaluations of the
+# preset's `evals` (kNN, linear probe, fine-tuning, segmentation and detection on composed
+# scenes; each also for the random-init baseline, the frozen ones for raw pixels too), and print
+# the comparison table.
 #   bash scripts/demo.sh [METHOD] [PRESET]      (make demo METHOD=mae)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,15 +12,19 @@ os.environ.setdefault("HPC_MIM_FFCV_JIT", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+SOURCE = Path("/usr/share/datasets/fashion-mnist")
 PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else "python"
 
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
-    """data.root holding fmnist/{train,val}.beton: the first 512 real images of each split."""
+    """data.root holding fmnist/{train,val}.beton (the first 512 real images of each split) and
+    fmnist_scenes/ (24 + 8 composed scenes in the ADE20K and COCO layouts)."""
     from data_prep.fashion_mnist import convert
+    from data_prep.scenes import generate
     root = tmp_path_factory.mktemp("data")
-    convert(Path("/usr/share/datasets/fashion-mnist"), root / "fmnist", limit=512)
+    convert(SOURCE, root / "fmnist", limit=512)
+    generate(SOURCE, root / "fmnist_scenes", train=24, val=8)
     return root
 
 

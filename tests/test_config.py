@@ -39,7 +39,13 @@ def test_unknown_key_in_yaml_file_names_the_file(tmp_path):
     ("model.img_size=225", "model.img_size"),        # not a multiple of the patch size
     ("train.precision=fp16", "train.precision"),
     ("data.dataset=nope", "data.dataset"),
-    ("eval.run=[knn,segmentation_typo]", "eval.run"),
+    ("evals=[knn,segmentation_typo]", "evals"),     # unknown evaluation
+    ("evals=[knn,linear_probe:nope]", "evals"),      # unknown dataset
+    ("evals=[segmentation:fmnist]", "evals"),        # a classification set for segmentation
+    ("evals=[knn,knn]", "evals"),                    # the same job twice
+    ("eval.segmentation.rescales=[4,3,1,0.5]", "eval.segmentation.rescales"),
+    ("eval.detection.anchor_sizes=[8,16]", "eval.detection.anchor_sizes"),
+    ("eval.finetune.micro_batch_size=1000", "eval.finetune.batch_size"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -60,7 +66,7 @@ def test_unknown_method_and_preset_list_choices():
 
 def test_override_parsing():
     assert parse_override("a.b.c=1e-3") == {"a": {"b": {"c": 1e-3}}}
-    assert parse_override("eval.run=[knn]") == {"eval": {"run": ["knn"]}}
+    assert parse_override("evals=[knn, linear_probe:cub]") == {"evals": ["knn", "linear_probe:cub"]}
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("train.epochs")
 
@@ -122,3 +128,15 @@ def test_lr_scaling_rules():
 def test_method_options_are_validated(method, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(method, overrides=[override])
+
+
+def test_evals_list_resolves_each_job_and_its_dataset():
+    cfg = load_config("mae", "fmnist_tiny", overrides=[
+        "evals=[knn, linear_probe, linear_probe:cub, segmentation:ade20k, detection]"])
+    assert cfg.eval_jobs() == [("knn", "knn", "fmnist"), ("linear_probe", "linear_probe", "fmnist"),
+                               ("linear_probe:cub", "linear_probe", "cub"),
+                               ("segmentation:ade20k", "segmentation", "ade20k"),
+                               ("detection", "detection", "fmnist_scenes_coco")]   # the preset's
+    info = cfg.dataset_info("cub")
+    assert info["kind"] == "classification" and info["num_classes"] == 200
+    assert info["train"].endswith("data/cub/train.beton")

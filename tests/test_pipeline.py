@@ -3,6 +3,7 @@ chained kNN and linear-probe jobs -> MLflow parent + child runs. On the real loc
 cluster (2 pretend nodes, one task each) and with --cluster local."""
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -59,12 +60,7 @@ def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_
     pre_info = scontrol(pre)
     assert pre_info["NumNodes"].split("-")[0] == "2" and pre_info["NumTasks"] == "2"  # "2-2" while pending
 
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        states = {n: scontrol(i)["JobState"] for n, i in ids.items()}
-        if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states.values()):
-            break
-        time.sleep(3)
+    states = wait_for(ids)
     run_dir = tmp_path / "e2e"
     logs = "\n".join(p.read_text() for p in (run_dir / "jobs").rglob("*_log.*"))
     assert states == {"pretrain": "COMPLETED", "knn": "COMPLETED", "linear_probe": "COMPLETED"}, logs[-4000:]
@@ -77,6 +73,59 @@ def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_
     assert (run_dir / "encoder.pt").is_file() and (run_dir / "checkpoints" / "latest").is_file()
     assert f"start: {method}," in logs
     check_mlflow(run_dir, method=method)
+
+
+ALL_EVALS = ("knn", "linear_probe", "finetune", "segmentation", "detection")
+
+
+def wait_for(ids: dict[str, str], timeout: float = 600) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while True:
+        states = {n: scontrol(i)["JobState"] for n, i in ids.items()}
+        if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states.values()) \
+                or time.time() > deadline:
+            return states
+        time.sleep(3)
+
+
+def test_slurm_all_five_evaluations_chained_and_one_failure_stops_no_other(tmp_path, slurm_cluster, data_root):
+    data = tmp_path / "data"                          # a private copy: the test breaks one file
+    shutil.copytree(data_root, data)
+    r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
+               "--set", f"data.root={data}", "--set", f"runs_root={tmp_path}", "--set", "name=all",
+               "--set", f"evals=[{','.join(ALL_EVALS)}]")
+    assert r.returncode == 0, r.stderr
+    ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
+    assert set(ids) == {"pretrain", *ALL_EVALS}
+    for name in ALL_EVALS:                            # each waits on pre-training only
+        assert scontrol(ids[name])["Dependency"].startswith(f"afterok:{ids['pretrain']}")
+    # the COCO validation file is corrupted after submission: detection fails in its job
+    (data / "fmnist_scenes" / "coco" / "annotations" / "instances_val2017.json").write_text("{truncated")
+    states = wait_for(ids)
+    run_dir = tmp_path / "all"
+    logs = "\n".join(p.read_text() for p in (run_dir / "jobs").rglob("*_log.*"))
+    assert states == {"pretrain": "COMPLETED", "knn": "COMPLETED", "linear_probe": "COMPLETED",
+                      "finetune": "COMPLETED", "segmentation": "COMPLETED", "detection": "FAILED"}, logs[-5000:]
+
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(tracking["uri"])
+    children = {c.info.run_name: c for c in client.search_runs(
+        [tracking["experiment_id"]], f"tags.mlflow.parentRunId = '{tracking['run_id']}'")}
+    assert sorted(children) == sorted(ALL_EVALS)
+    for name, metric in (("knn", "top1"), ("linear_probe", "top1"), ("finetune", "top1"),
+                         ("segmentation", "miou")):
+        assert children[name].info.status == "FINISHED" and metric in children[name].data.metrics, name
+    assert 0 <= children["segmentation"].data.metrics["pixel_acc"] <= 100
+    assert children["finetune"].data.metrics["top5"] >= children["finetune"].data.metrics["top1"]
+    failed = children["detection"]
+    assert failed.info.status == "FAILED" and "JSONDecodeError" in failed.data.tags["error"]
+
+    status = submit("--status", str(run_dir))
+    assert status.returncode == 1, status.stdout + status.stderr
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:]}
+    assert re.search(r"detection\s+\d+\s+FAILED\s+detection FAILED\s+JSONDecodeError", rows["detection"])
+    for name in ("pretrain", *ALL_EVALS[:-1]):
+        assert re.search(rf"{name}\s+{ids[name]}\s+COMPLETED\s+\S*\s*FINISHED", rows[name]), rows[name]
 
 
 def test_local_cluster_pipeline(tmp_path, data_root):

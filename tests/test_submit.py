@@ -37,3 +37,25 @@ def test_bad_config_fails_before_anything_is_queued(tmp_path, slurm_cluster, dat
     assert "data_prep.fashion_mnist" in r.stderr             # says how to make it
     assert squeue_ids() == before
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_missing_evaluation_dataset_is_named_before_anything_is_queued(tmp_path, slurm_cluster, data_root):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(data_root / "fmnist", data / "fmnist")       # no composed scenes here
+    before = squeue_ids()
+    r = submit("--method", "mae", "--preset", "smoke", "--cluster", "slurm", "--set", f"data.root={data}",
+               "--set", f"runs_root={tmp_path / 'runs'}", "--set", "evals=[knn,segmentation]")
+    assert r.returncode == 2
+    assert "evals (segmentation)=fmnist_scenes_ade" in r.stderr and "images/training not found" in r.stderr
+    assert "data_prep.scenes" in r.stderr                     # says how to make it
+    assert squeue_ids() == before and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_lists_one_job_per_evals_entry(tmp_path):
+    r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--dry-run",
+               "--set", f"runs_root={tmp_path}", "--set", "evals=[knn,linear_probe:cub,segmentation:ade20k]")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("#!/bin/bash") == 4
+    assert "linear_probe:cub" in r.stdout and "segmentation:ade20k" in r.stdout
+    assert r.stdout.count("#SBATCH --dependency='afterok:<pretrain job id>'") == 3

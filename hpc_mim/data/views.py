@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
 
 def _per_sample(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
     return torch.empty(b, 1, 1, 1, device=device).uniform_(lo, hi)
@@ -62,3 +64,15 @@ def finish_view(name: str, raw: torch.Tensor, mean: Sequence[float], std: Sequen
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def rand_augment(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], num_ops: int = 2,
+                 magnitude: int = 9) -> torch.Tensor:
+    """RandAugment (Cubuk et al. arXiv 1909.13719; torchvision's, which works on tensors) on a
+    normalised batch (B, C, H, W), each image drawing its own ops; returns it normalised."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    raw = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+    augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+    out = torch.stack([augment(img) for img in raw])        # batched input would share one draw
+    return (out.float() / 255 - m) / s

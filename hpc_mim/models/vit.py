@@ -4,6 +4,8 @@ Follows the MAE encoder (arXiv 2111.06377; facebookresearch/mae:models_mae.py): 
 ``Block``s, LayerNorm eps 1e-6, xavier-uniform linear init, the cls token's position embedding
 is zero. ``forward(x, ids_keep)`` runs on a subset of patches (masked pre-training);
 ``forward_intermediates`` returns spatial feature maps of chosen blocks (dense evaluations).
+Other input sizes than ``img_size`` are accepted (dense evaluations): the fixed sin-cos
+position embedding is evaluated on the larger grid.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ class ViTEncoder(nn.Module):
         self.embed_dim = embed_dim
         self.depth = depth
         self.num_prefix = num_cls_tokens
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        # strict_img_size=False: dense evaluations feed larger images (see position_embedding)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid = self.patch_embed.grid_size                               # (gh, gw)
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, embed_dim))
@@ -98,14 +101,41 @@ class ViTEncoder(nn.Module):
         ``ids_keep`` (B, K) keeps a subset of patches (MAE-style); ``replace`` (B, L) bool swaps
         those patches' embeddings for ``mask_token`` (1, 1, D) before the position embedding is
         added (SimMIM-style, all L patches stay)."""
+        pos = self.position_embedding(x.shape[-2:])
         x = self.patch_embed(x)                                              # (B, L, D)
         if replace is not None:
             x = torch.where(replace.unsqueeze(-1), mask_token.to(x.dtype), x)
-        x = x + self.pos_embed[:, self.num_prefix:]
+        x = x + pos[:, self.num_prefix:]
         if ids_keep is not None:
             x = gather_tokens(x, ids_keep)                                   # (B, K, D)
-        cls = (self.cls_token + self.pos_embed[:, :self.num_prefix]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + pos[:, :self.num_prefix]).expand(x.shape[0], -1, -1)
         return torch.cat([cls, x], dim=1)
+
+    def grid_of(self, hw: tuple[int, int] | torch.Size) -> tuple[int, int]:
+        h, w = hw
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        return h // self.patch_size, w // self.patch_size
+
+    def position_embedding(self, hw: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """(1, P + gh*gw, D) for an input of ``hw`` pixels. The embedding is the fixed sin-cos
+        function of the patch coordinates, so another grid gets it evaluated at its own
+        coordinates: a patch keeps the spacing to its neighbours it had in pre-training (the
+        bicubic resampling used for learned embeddings would squeeze a 16 x 16 grid into the
+        7 x 7 range and change the apparent scale)."""
+        grid = self.grid_of(hw)
+        if grid == tuple(self.grid):
+            return self.pos_embed
+        return sincos_pos_embed(grid, self.embed_dim, self.num_prefix).to(self.pos_embed)
+
+    def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict[str, Any]:
+        """timm's parameter grouping (used by ``timm.optim.param_groups_layer_decay``): the
+        embeddings are layer 0, block i is layer i + 1; the final norm is left unmatched, so
+        it joins whatever comes after the blocks (a task head) in the last layer, as in MAE's
+        lrd. ``prefix`` is this encoder's attribute path in a bigger model (e.g. ``"encoder."``)."""
+        p = prefix.replace(".", r"\.")
+        return {"stem": rf"^{p}(?:cls_token|pos_embed|patch_embed|t_embed)",
+                "blocks": rf"^{p}blocks\.(\d+)"}
 
     def condition(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
         """Timestep embedding (B, D) for AdaLN blocks (t = 0 when not given); None otherwise."""
@@ -129,16 +159,18 @@ class ViTEncoder(nn.Module):
         return tokens[:, :p].mean(dim=1) if pooling == "cls" else tokens[:, p:].mean(dim=1)
 
     def forward_intermediates(self, x: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        """Feature maps (B, D, gh, gw) after each block in ``indices`` (0-based)."""
-        out = []
+        """Feature maps (B, D, gh, gw) after each block in ``indices`` (0-based), in that order
+        (an index may repeat)."""
+        maps = {}
         c = self.condition(x, None)
         tokens = self.embed(x)
-        for i, block in enumerate(self.blocks):
+        grid = self.grid_of(x.shape[-2:])
+        for i, block in enumerate(self.blocks[:max(indices) + 1]):
             tokens = block(tokens) if c is None else block(tokens, c)
             if i in indices:
                 patches = tokens[:, self.num_prefix:]                        # (B, L, D)
-                out.append(patches.transpose(1, 2).reshape(x.shape[0], -1, *self.grid))
-        return out
+                maps[i] = patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        return [maps[i] for i in indices]
 
 
 def attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -172,11 +204,13 @@ def save_encoder(encoder: ViTEncoder, path: Path,
     tmp.replace(path)
 
 
-def load_encoder(path: Path, map_location: str = "cpu", weights: bool = True) -> ViTEncoder:
+def load_encoder(path: Path, map_location: str = "cpu", weights: bool = True,
+                 **overrides: Any) -> ViTEncoder:
     """Rebuild an encoder exported by ``save_encoder``; the weights must match exactly.
-    ``weights=False`` gives the same architecture freshly initialised (the random-init baseline)."""
+    ``weights=False`` gives the same architecture freshly initialised (the random-init baseline);
+    ``overrides`` change constructor arguments that hold no weights (e.g. ``drop_path``)."""
     blob = torch.load(path, map_location=map_location, weights_only=True)
-    encoder = build_encoder(blob["model"])
+    encoder = build_encoder({**blob["model"], **overrides})
     if weights:
         encoder.load_state_dict(blob["state_dict"], strict=True)
     return encoder

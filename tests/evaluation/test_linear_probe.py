@@ -1,7 +1,7 @@
 import torch
 
 from evaluation.linear_probe import linear_head, train_probe
-from hpc_mim.config import LinearProbeConfig
+from hpc_mim.eval_options import LinearProbeConfig
 
 
 def test_head_is_bn_without_affine_then_linear():

@@ -1,0 +1,182 @@
+"""Object detection / instance segmentation transfer: ViTDet (Li et al. arXiv 2203.16527).
+
+The last block's map is rescaled by ``scale_factors`` (ViTDet's x4, x2, x1, x0.5: strides 4-32
+for ViT-B/16) plus a pooled level by the simple feature pyramid (evaluation/dense_heads.py), and and feeds torchvision's Mask R-CNN, or Faster R-CNN when
+the annotations have no masks. Images are resized so the longest side is ``image_size``
+(torchvision's transform, which also normalises and pads batches to a multiple of 32; the
+encoder resamples its position embedding to the padded size). Training: flips, AdamW (0.9,
+0.999) with layer-wise lr decay, linear warmup, lr x0.1 at 88.9% and 96.3% of the steps (ViTDet's
+schedule, timm's MultiStepLRScheduler). Metrics: COCO box AP / AP50 / AP75 and mask AP from
+pycocotools. Not reproduced: large-scale jitter and ViTDet's windowed attention (the encoder
+runs global attention in every block, as pre-trained).
+
+    python -m evaluation.detection --run-dir runs/<name> [--dataset coco] [--set KEY=VALUE] [--baseline random_init]
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from timm.scheduler import MultiStepLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign, box_convert
+
+from evaluation.common import EvalContext, device, encoder_for, fit, parse_args, run_eval, train_loader
+from evaluation.dense_heads import SimpleFeaturePyramid
+from evaluation.layer_decay import EncoderModel
+from hpc_mim.data.dense import coco_detection, coco_of, collate_pairs, has_masks, num_categories
+from hpc_mim.tracking import MLflowLogger
+
+
+class ViTDetBackbone(nn.Module):
+    """Images (B, 3, H, W) -> OrderedDict of pyramid maps (torchvision's backbone contract)."""
+
+    def __init__(self, encoder: nn.Module, out_channels: int, factors: list[float]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, out_channels, factors)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor):
+        return self.pyramid(self.encoder.forward_intermediates(x, [self.encoder.depth - 1])[0])
+
+
+class Detector(EncoderModel):
+    """torchvision's two-stage detector on the ViTDet backbone; ``forward`` is the detector's
+    (a loss dict in training, per-image predictions in eval mode)."""
+    encoder_prefix = "rcnn.backbone.encoder."
+
+    def __init__(self, encoder: nn.Module, num_classes: int, s, mean, std, masks: bool) -> None:
+        super().__init__()
+        anchors = AnchorGenerator(tuple((a,) for a in s.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        kwargs: dict[str, Any] = dict(
+            num_classes=num_classes, min_size=s.image_size, max_size=s.image_size,
+            image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
+            box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+            box_batch_size_per_image=s.rois_per_image)
+        if masks:
+            kwargs["mask_roi_pool"] = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+        detector = MaskRCNN if masks else FasterRCNN
+        self.rcnn = detector(ViTDetBackbone(encoder, s.fpn_channels, s.scale_factors), **kwargs)
+        heads, c = self.rcnn.roi_heads, s.fpn_channels
+        heads.box_head = TwoMLPHead(c * 7 * 7, s.box_head_dim)              # 1024: the default
+        heads.box_predictor = FastRCNNPredictor(s.box_head_dim, num_classes)
+        if masks:     # torchvision's 4-conv mask head, as wide as the pyramid (256: its default)
+            heads.mask_head = MaskRCNNHeads(c, (c,) * 4, 1)
+            heads.mask_predictor = MaskRCNNPredictor(c, c, num_classes)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
+        return self.rcnn(images, targets)
+
+
+def to_coco_results(image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """One image's predictions in COCO's results format (bbox xywh, RLE masks thresholded at 0.5)."""
+    boxes = box_convert(output["boxes"], "xyxy", "xywh").tolist()
+    results = [{"image_id": image_id, "category_id": int(c), "bbox": [round(v, 2) for v in b],
+                "score": float(s)}
+               for b, c, s in zip(boxes, output["labels"], output["scores"])]
+    if "masks" in output:
+        binary = (output["masks"][:, 0] > 0.5).numpy().astype(np.uint8)        # (N, H, W)
+        for r, m in zip(results, binary):
+            rle = mask_utils.encode(np.asfortranarray(m))
+            rle["counts"] = rle["counts"].decode("ascii")
+            r["segmentation"] = rle
+    return results
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_types: list[str],
+                 image_ids: list[int] | None = None) -> dict[str, float]:
+    """COCO AP, AP50, AP75 (%) per IoU type ("bbox", "segm"); 0 when nothing was predicted."""
+    names = {"bbox": "box", "segm": "mask"}
+    out = {}
+    for iou_type in iou_types:
+        key = names[iou_type]
+        if not results:
+            out.update({f"{key}_ap": 0.0, f"{key}_ap50": 0.0, f"{key}_ap75": 0.0})
+            continue
+        # COCOeval rewrites the ground truth's polygons as RLE in place: evaluate on a copy, so
+        # the dataset still reads (the next encoder's evaluation, the next IoU type)
+        gt = copy.deepcopy(coco_gt)
+        with contextlib.redirect_stdout(io.StringIO()):              # pycocotools prints a lot
+            evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        ap, ap50, ap75 = (max(0.0, float(v)) * 100 for v in evaluator.stats[:3])   # -1 = no GT
+        out.update({f"{key}_ap": ap, f"{key}_ap50": ap50, f"{key}_ap75": ap75})
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: Detector, dataset, batch_size: int, masks: bool, dev: torch.device) -> dict[str, float]:
+    model.eval()
+    results: list[dict[str, Any]] = []
+    image_ids: list[int] = []
+    loader = DataLoader(dataset, batch_size, collate_fn=collate_pairs)
+    for images, targets in loader:
+        outputs = model([im.to(dev) for im in images])
+        for target, output in zip(targets, outputs):
+            image_ids.append(int(target["image_id"]))
+            results += to_coco_results(image_ids[-1], {k: v.cpu() for k, v in output.items()})
+    return coco_metrics(coco_of(dataset), results, ["bbox", "segm"] if masks else ["bbox"], image_ids)
+
+
+def train(model: Detector, loader: DataLoader, s, logger: MLflowLogger) -> float:
+    opt = torch.optim.AdamW(model.param_groups(s.weight_decay, s.layer_decay), lr=s.lr, betas=(0.9, 0.999))
+    sched = MultiStepLRScheduler(opt, decay_t=[int(s.steps * 0.889), int(s.steps * 0.963)],
+                                 decay_rate=0.1, warmup_t=s.warmup_steps,
+                                 warmup_lr_init=s.lr * 1e-3, t_in_epochs=False)
+    dev = next(model.parameters()).device
+
+    def step_loss(model: Detector, batch) -> dict[str, torch.Tensor]:
+        images, targets = batch
+        losses = model([im.to(dev) for im in images],
+                       [{k: v.to(dev) for k, v in t.items() if k != "image_id"} for t in targets])
+        return {k.removeprefix("loss_"): v for k, v in losses.items()}
+
+    return fit(model, loader, s.steps, opt, sched, step_loss, logger, "detection")
+
+
+def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
+    s, info, dev = ctx.section, ctx.info, device()
+    if info.get("format") != "coco":
+        raise ValueError(f"detection reads the COCO layout; {info['name']} is {info.get('format')!r}")
+    train_set = coco_detection(info["root"], "train", train=True)
+    val_set = coco_detection(info["root"], "val", train=False, max_samples=s.max_val_samples)
+    coco = coco_of(val_set)
+    masks = has_masks(coco_of(train_set))
+    print(f"[detection] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
+          f"{len(coco.getCatIds())} categories, {'Mask' if masks else 'Faster'} R-CNN", flush=True)
+    for b in ctx.baselines:
+        encoder = encoder_for(ctx.run, ctx.cfg, b, drop_path=s.drop_path)
+        torch.manual_seed(ctx.cfg.train.seed)          # same head init and data order per encoder
+        model = Detector(encoder, num_categories(coco), s, info["mean"], info["std"], masks).to(dev)
+        loader = train_loader(train_set, s.batch_size, ctx.cfg, collate_pairs)
+        train_loss = train(model, loader, s, ctx.loggers[b])
+        metrics = evaluate(model, val_set, ctx.cfg.eval.batch_size, masks, dev)
+        yield b, {**metrics, "train_loss": train_loss}
+
+
+def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",
+         overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+    return run_eval(run_dir, "detection", body, dataset, baseline, label, pixels=False,
+                    overrides=overrides)
+
+
+if __name__ == "__main__":
+    args = parse_args(__doc__)
+    main(args.run_dir, args.dataset, args.baseline, overrides=args.set)

@@ -1,0 +1,145 @@
+"""Semantic segmentation transfer: UperNet on four blocks of the encoder (the BEiT / MAE
+ADE20K protocol in mmsegmentation; MAE arXiv 2111.06377 Sec. 5, UperNet arXiv 1807.10221).
+
+Blocks [3, 5, 7, 11] of a ViT-B (proportional for other depths; ``eval.segmentation.blocks``)
+are rescaled by x4, x2, x1, x0.5 (``rescales``; strides 4-32 for ViT-B/16) and fused by
+UperNet; the finest logits are upsampled to the input. Training: random resize (0.5-2x of ``scale``), ``crop_size`` crops, flips; AdamW
+(0.9, 0.999) with layer-wise lr decay, linear warmup then poly (power 1) decay to 0 (timm's
+PolyLRScheduler), cross-entropy ignoring label 255. Inference: sliding ``crop_size`` windows
+with ``stride`` over the image resized to ``scale``, logits averaged where windows overlap, then
+resized to the label's size. Metrics: mIoU (mean over classes with a non-empty union, as
+mmsegmentation), per-class IoU, pixel accuracy, mean class accuracy. Not reproduced: the
+auxiliary FCN head (loss weight 0.4) and the photometric distortion of mmsegmentation.
+
+    python -m evaluation.segmentation --run-dir runs/<name> [--dataset ade20k] [--set KEY=VALUE] [--baseline random_init]
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.scheduler import PolyLRScheduler
+from torch import nn
+
+from evaluation.common import EvalContext, device, encoder_for, fit, parse_args, run_eval, train_loader
+from evaluation.dense_heads import UperNetHead, default_blocks
+from evaluation.layer_decay import EncoderModel
+from hpc_mim.data.dense import ADE20K, IGNORE, segmentation_transform
+from hpc_mim.tracking import MLflowLogger
+
+
+class Segmenter(EncoderModel):
+    """Images (B, 3, H, W) -> class logits (B, K, H, W)."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, channels: int, blocks: list[int],
+                 rescales: list[float] = (4.0, 2.0, 1.0, 0.5)) -> None:
+        super().__init__()
+        self.encoder, self.blocks = encoder, blocks
+        self.head = UperNetHead(encoder.embed_dim, channels, num_classes, rescales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.encoder.forward_intermediates(x, self.blocks))
+        return F.interpolate(logits, x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) counts, rows = true class, columns = predicted; ignored pixels left out."""
+    keep = target != IGNORE
+    index = target[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def segmentation_metrics(conf: torch.Tensor) -> dict[str, float]:
+    """mIoU, pixel accuracy, mean class accuracy (%) and IoU per class from a confusion matrix."""
+    conf = conf.double()
+    hit = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - hit
+    iou = hit / union                                  # NaN for a class absent from both
+    acc = hit / conf.sum(1)
+    out = {"miou": iou.nanmean().item() * 100, "pixel_acc": (hit.sum() / conf.sum()).item() * 100,
+           "macc": acc.nanmean().item() * 100}
+    out.update({f"iou/{c}": v * 100 for c, v in enumerate(iou.tolist()) if v == v})
+    return out
+
+
+@torch.no_grad()
+def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int,
+                 stride: int) -> torch.Tensor:
+    """Logits (1, K, H, W) of one image (1, 3, H, W) from overlapping crop x crop windows
+    (the last row / column aligned to the border; windows padded when the image is smaller)."""
+    h, w = image.shape[-2:]
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r, c in itertools.product(range(rows), range(cols)):
+        y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+        boxes.append((max(y2 - crop, 0), max(x2 - crop, 0), y2, x2))
+    windows = torch.cat([F.pad(image[..., y1:y2, x1:x2], (0, crop - (x2 - x1), 0, crop - (y2 - y1)))
+                         for y1, x1, y2, x2 in boxes])
+    out = model(windows)                                                 # (n, K, crop, crop)
+    logits = image.new_zeros(1, num_classes, h, w)
+    count = image.new_zeros(1, 1, h, w)
+    for (y1, x1, y2, x2), o in zip(boxes, out):
+        logits[..., y1:y2, x1:x2] += o[:, :y2 - y1, :x2 - x1]
+        count[..., y1:y2, x1:x2] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: ADE20K, num_classes: int, crop: int, stride: int,
+             dev: torch.device) -> dict[str, float]:
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for image, label in dataset:
+        logits = slide_logits(model, image[None].to(dev), num_classes, crop, stride)
+        logits = F.interpolate(logits, label.shape[-2:], mode="bilinear", align_corners=False)
+        conf += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
+    return segmentation_metrics(conf)
+
+
+def train(model: Segmenter, loader, s, logger: MLflowLogger) -> float:
+    opt = torch.optim.AdamW(model.param_groups(s.weight_decay, s.layer_decay), lr=s.lr, betas=(0.9, 0.999))
+    sched = PolyLRScheduler(opt, t_initial=max(1, s.steps - s.warmup_steps), power=1.0, lr_min=0.0,
+                            warmup_t=s.warmup_steps, warmup_lr_init=s.lr * 1e-6, warmup_prefix=True,
+                            t_in_epochs=False)
+    dev = next(model.parameters()).device
+
+    def step_loss(model: Segmenter, batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"ce": F.cross_entropy(model(x.to(dev)), y.to(dev), ignore_index=IGNORE)}
+
+    return fit(model, loader, s.steps, opt, sched, step_loss, logger, "segmentation")
+
+
+def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
+    s, info, dev = ctx.section, ctx.info, device()
+    if info.get("format") != "ade20k":
+        raise ValueError(f"segmentation reads the ADE20K layout; {info['name']} is {info.get('format')!r}")
+    train_set = ADE20K(info["root"], "train",
+                       segmentation_transform(True, s.scale, s.crop_size, info["mean"], info["std"]))
+    val_set = ADE20K(info["root"], "val",
+                     segmentation_transform(False, s.scale, s.crop_size, info["mean"], info["std"]),
+                     max_samples=s.max_val_samples)
+    print(f"[segmentation] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
+          f"{info['num_classes']} classes", flush=True)
+    for b in ctx.baselines:
+        encoder = encoder_for(ctx.run, ctx.cfg, b, drop_path=s.drop_path)
+        torch.manual_seed(ctx.cfg.train.seed)          # same head init and data order per encoder
+        model = Segmenter(encoder, info["num_classes"], s.channels,
+                          s.blocks or default_blocks(encoder.depth), s.rescales).to(dev)
+        train_loss = train(model, train_loader(train_set, s.batch_size, ctx.cfg), s, ctx.loggers[b])
+        metrics = evaluate(model, val_set, info["num_classes"], s.crop_size, s.stride, dev)
+        yield b, {**metrics, "train_loss": train_loss}
+
+
+def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",
+         overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+    return run_eval(run_dir, "segmentation", body, dataset, baseline, label, pixels=False,
+                    overrides=overrides)
+
+
+if __name__ == "__main__":
+    args = parse_args(__doc__)
+    main(args.run_dir, args.dataset, args.baseline, overrides=args.set)

@@ -1,0 +1,115 @@
+"""Readers of the real ADE20K and COCO layouts for the dense evaluations.
+
+- ``ADE20K``: ``images/{training,validation}/*.jpg`` with ``annotations/<same>/*.png`` of the
+  same stem; labels 1..N are classes, 0 is "other" and ignored (mmsegmentation's
+  ``reduce_zero_label``: 0 -> 255, k -> k - 1).
+- ``coco_detection``: ``<split>2017/`` images + ``annotations/instances_<split>2017.json``,
+  read by torchvision's CocoDetection (pycocotools) and wrapped for transforms v2, so boxes and
+  masks follow flips and resizes.
+
+Augmentation uses torchvision.transforms.v2, which moves image, mask and boxes together.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+from torchvision.transforms import v2
+
+IGNORE = 255
+ADE_SPLITS = {"train": "training", "val": "validation"}
+
+
+class ADE20K(Dataset):
+    """(image uint8 (3, H, W), label (H, W) long in [0, N) or 255) pairs of one split."""
+
+    def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
+                 max_samples: int = 0) -> None:
+        root = Path(root)
+        images = sorted((root / "images" / ADE_SPLITS[split]).glob("*.jpg"))
+        if not images:
+            raise FileNotFoundError(f"{root / 'images' / ADE_SPLITS[split]}: no .jpg images "
+                                    "(expected the ADE20K layout)")
+        self.images = images[:max_samples] if max_samples else images
+        self.labels = [root / "annotations" / ADE_SPLITS[split] / f"{p.stem}.png" for p in self.images]
+        missing = [str(p) for p in self.labels if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} annotation(s) missing, e.g. {missing[0]}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.images[i]) as im:
+            image = tv_tensors.Image(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+        with Image.open(self.labels[i]) as im:
+            raw = torch.from_numpy(np.array(im, dtype=np.uint8))                     # (H, W)
+        label = tv_tensors.Mask(raw - 1)       # uint8 wrap-around: 0 -> 255 (ignore), k -> k - 1
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return image, label.long()
+
+
+def segmentation_transform(train: bool, scale: int, crop: int, mean: Sequence[float],
+                           std: Sequence[float]) -> v2.Compose:
+    """mmsegmentation's ADE20K pipeline at ``scale``: training resizes the short side to
+    scale x U(0.5, 2.0), takes a random ``crop`` (padded with ignore), flips; evaluation resizes
+    the image only (predictions are compared at the label's own size)."""
+    to_float = [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+                v2.Normalize(mean, std)]
+    if not train:
+        return v2.Compose([v2.Resize(scale, antialias=True), *to_float])
+    return v2.Compose([
+        v2.RandomResize(scale // 2, scale * 2, antialias=True),
+        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
+        v2.RandomHorizontalFlip(),
+        *to_float])
+
+
+def coco_detection(root: str | Path, split: str, train: bool, max_samples: int = 0) -> Dataset:
+    """COCO instances of one split as (image float (3, H, W) in [0, 1], target dict with boxes
+    (K, 4) xyxy, labels (K,), masks (K, H, W) when annotated, image_id). Training drops images
+    without annotations (as detectron2 does) and flips."""
+    root = Path(root)
+    ann_file = root / "annotations" / f"instances_{split}2017.json"
+    ops: list[Any] = [v2.ToImage()]
+    if train:
+        ops.append(v2.RandomHorizontalFlip())
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
+    dataset = CocoDetection(str(root / f"{split}2017"), str(ann_file), transforms=v2.Compose(ops))
+    keys = ("boxes", "labels", "image_id") + (("masks",) if has_masks(dataset.coco) else ())
+    if train:
+        dataset.ids = [i for i in dataset.ids if dataset.coco.getAnnIds(imgIds=i, iscrowd=False)]
+    if max_samples:
+        dataset.ids = dataset.ids[:max_samples]
+    return wrap_dataset_for_transforms_v2(dataset, target_keys=keys)
+
+
+def coco_of(dataset: Dataset) -> Any:
+    """The pycocotools ``COCO`` index behind a dataset made by ``coco_detection``."""
+    return dataset._dataset.coco            # the transforms-v2 wrapper keeps the original here
+
+
+def has_masks(coco) -> bool:
+    """True when every annotation has a segmentation (then Mask R-CNN, else Faster R-CNN)."""
+    anns = coco.dataset.get("annotations", [])
+    return bool(anns) and all(a.get("segmentation") for a in anns)
+
+
+def num_categories(coco) -> int:
+    """Classifier size for torchvision's detectors: the largest category id + 1 (0 = background),
+    so COCO's sparse ids (1..90) map to outputs without a table."""
+    return max(coco.getCatIds()) + 1
+
+
+def collate_pairs(batch: list[tuple[Any, Any]]) -> tuple[list, list]:
+    """Detection batches stay lists: images differ in size, targets in instance count."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)

@@ -1,0 +1,52 @@
+"""The dataset registry (configs/datasets.yaml): converted datasets by name, of three kinds.
+
+- ``classification``: FFCV ``train`` / ``val`` .beton files (data_prep.fashion_mnist,
+  data_prep.image_folder for ImageNet, CUB, NABirds, iNat, Cars, Aircraft ...).
+- ``segmentation``: a folder in the ADE20K layout (``format: ade20k``).
+- ``detection``: a folder in the COCO layout (``format: coco``).
+
+Paths are relative to ``data.root``. Torch-free: ``jobs/submit.py`` checks the files on the
+login node before anything is queued.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("classification", "segmentation", "detection")
+REGISTRY_PATH = Path(__file__).resolve().parent.parent / "configs" / "datasets.yaml"
+
+
+def load_registry() -> dict[str, dict[str, Any]]:
+    with open(REGISTRY_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def dataset_info(name: str, root: str, key: str = "data.dataset") -> dict[str, Any]:
+    """Registry entry ``name`` with ``kind`` filled in and its paths made absolute."""
+    from hpc_mim.config import ConfigError  # config imports this module
+    registry = load_registry()
+    if name not in registry:
+        raise ConfigError(f"{key}: unknown dataset {name!r}; configs/datasets.yaml has {sorted(registry)}")
+    info = dict(registry[name], name=name)
+    info.setdefault("kind", "classification")
+    base = Path(root).resolve()             # relative to the current directory
+    for field in ("train", "val", "root"):
+        if field in info:
+            info[field] = str(base / info[field])
+    return info
+
+
+def required_files(info: dict[str, Any]) -> list[Path]:
+    """What must exist before a job reads dataset ``info``: the .beton files, or the folders
+    and annotation files of the ADE20K / COCO layout."""
+    if info["kind"] == "classification":
+        return [Path(info["train"]), Path(info["val"])]
+    root = Path(info["root"])
+    if info["kind"] == "segmentation":
+        return [root / sub / split for sub in ("images", "annotations")
+                for split in ("training", "validation")]
+    return [root / "annotations" / f"instances_{split}2017.json" for split in ("train", "val")] + \
+           [root / f"{split}2017" for split in ("train", "val")]

@@ -1,0 +1,188 @@
+"""Evaluation options: one dataclass per evaluation (a section of ``eval:``), defaults = the
+papers' ViT-B protocols; presets shrink them.
+
+Which evaluations run after pre-training, and on which datasets, is the top-level ``evals:``
+list of the config: ``name`` (the section's own ``dataset``; "" = the pre-training dataset) or
+``name:dataset`` for any dataset of the right kind in configs/datasets.yaml, e.g.
+
+    evals: [knn, linear_probe, linear_probe:cub, finetune, segmentation:ade20k, detection:coco]
+
+Torch-free, so the login-node CLI validates them before anything is queued.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# the kind of dataset each evaluation reads (hpc_mim/datasets.py)
+EVAL_KINDS = {"knn": "classification", "linear_probe": "classification",
+              "finetune": "classification", "segmentation": "segmentation",
+              "detection": "detection"}
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        from hpc_mim.config import ConfigError  # config imports this module
+        raise ConfigError(f"eval.{key}: {message}")
+
+
+def _check_factors(key: str, factors: list[float]) -> None:
+    """Four pyramid levels, finest first, each a power of two of the token grid."""
+    ok = len(factors) == 4 and all(f > 0 and math.log2(f).is_integer() for f in factors) \
+        and list(factors) == sorted(factors, reverse=True)
+    _check(ok, key, f"{factors}: give four powers of two, finest first, e.g. [4, 2, 1, 0.5]")
+
+
+def _check_pooling(section: str, pooling: str) -> None:
+    _check(pooling in ("cls", "mean"), f"{section}.pooling", f"{pooling!r}; choose cls or mean")
+
+
+@dataclass
+class KNNConfig:
+    """DINO's weighted kNN: L2-normalised features, votes weighted by exp(sim / T)."""
+    dataset: str = ""
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    temperature: float = 0.07
+    pooling: str = "cls"                # cls | mean
+    max_train_samples: int = 0
+
+    def validate(self) -> None:
+        _check_pooling("knn", self.pooling)
+
+
+@dataclass
+class LinearProbeConfig:
+    """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, LARS."""
+    dataset: str = ""
+    epochs: int = 90
+    warmup_epochs: int = 10
+    batch_size: int = 16384
+    blr: float = 0.1                    # lr = blr * batch_size / 256
+    weight_decay: float = 0.0
+    pooling: str = "cls"
+    max_train_samples: int = 0
+
+    def validate(self) -> None:
+        _check_pooling("linear_probe", self.pooling)
+
+
+@dataclass
+class FinetuneConfig:
+    """MAE's end-to-end fine-tuning (arXiv 2111.06377 App. A.3, ViT-B values), on DeepSpeed."""
+    dataset: str = ""
+    epochs: int = 100
+    warmup_epochs: float = 5
+    batch_size: int = 1024              # global; lr = blr * batch_size / 256
+    micro_batch_size: int = 64          # per process; the rest is gradient accumulation
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    mixup: float = 0.8                  # Beta(alpha, alpha) mixing; 0 disables
+    cutmix: float = 1.0
+    smoothing: float = 0.1              # label smoothing
+    randaug_ops: int = 2                # RandAugment (n=2, m=9); 0 ops disables
+    randaug_magnitude: int = 9
+    reprob: float = 0.25                # random erasing probability
+    pooling: str = "mean"               # MAE fine-tunes on the average of the patch tokens
+    precision: str = "fp32"
+    zero_stage: int = 2
+    clip_grad: float = 0.0
+    max_train_samples: int = 0
+    max_steps: int = 0                  # > 0 stops early (tests)
+
+    def validate(self) -> None:
+        _check_pooling("finetune", self.pooling)
+        _check(self.batch_size % self.micro_batch_size == 0, "finetune.batch_size",
+               f"{self.batch_size} is not a multiple of eval.finetune.micro_batch_size={self.micro_batch_size}")
+        _check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]")
+        _check(self.precision in ("fp32", "bf16"), "finetune.precision", "choose fp32 or bf16")
+
+    # DeepSpeed reads the same names as train.* (hpc_mim.distributed.deepspeed.ds_config)
+    def accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        _check(self.batch_size % per_step == 0, "finetune.batch_size",
+               f"{self.batch_size} is not divisible by micro batch x world size = {per_step}")
+        return self.batch_size // per_step
+
+
+@dataclass
+class SegmentationConfig:
+    """UperNet on four ViT blocks (mmsegmentation's MAE ADE20K setup: 160k iterations of batch
+    16, AdamW lr 1e-4, layer decay 0.65, 1500 warmup iterations then poly, 512 crops)."""
+    dataset: str = "ade20k"
+    steps: int = 160000
+    warmup_steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    channels: int = 768                 # UperNet width
+    blocks: list[int] = field(default_factory=list)  # [] = [3, 5, 7, 11] scaled to the depth
+    rescales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])  # x the token grid
+    scale: int = 512                    # images resized to this short side (x 0.5-2.0 in training)
+    crop_size: int = 512                # training crops and sliding-window size
+    stride: int = 341                   # sliding-window stride
+    max_val_samples: int = 0
+
+    def validate(self) -> None:
+        _check_factors("segmentation.rescales", self.rescales)
+        _check(0 < self.stride <= self.crop_size, "segmentation.stride", "must be in (0, crop_size]")
+        _check(not self.blocks or len(self.blocks) == 4, "segmentation.blocks", "give four block indices")
+
+
+@dataclass
+class DetectionConfig:
+    """ViTDet (arXiv 2203.16527): simple feature pyramid from the last block, Mask R-CNN;
+    ViT-B COCO values (batch 64, AdamW lr 1e-4, wd 0.1, layer decay 0.7, 1024 px)."""
+    dataset: str = "coco"
+    steps: int = 184375
+    warmup_steps: int = 250
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    layer_decay: float = 0.7
+    drop_path: float = 0.1
+    image_size: int = 1024              # longest side; batches are padded to a multiple of 32
+    scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])  # x token grid
+    fpn_channels: int = 256             # pyramid and mask head width
+    box_head_dim: int = 1024            # torchvision's two-layer MLP box head
+    anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per level
+    rois_per_image: int = 512
+    max_val_samples: int = 0
+
+    def validate(self) -> None:
+        _check(len(self.anchor_sizes) == 5, "detection.anchor_sizes",
+               "one size per pyramid level: the four scale_factors levels and the pooled one")
+        _check_factors("detection.scale_factors", self.scale_factors)
+        _check(self.image_size % 32 == 0, "detection.image_size", "must be a multiple of 32")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256               # feature extraction / inference batch
+    baselines: list[str] = field(default_factory=list)  # also evaluate: random_init, pixels
+    knn: KNNConfig = field(default_factory=KNNConfig)
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+
+    def validate(self) -> None:
+        for name in EVAL_KINDS:
+            getattr(self, name).validate()
+        for name in self.baselines:
+            _check(name in ("random_init", "pixels"), "baselines",
+                   f"unknown baseline {name!r}; choose from ['pixels', 'random_init']")
+
+
+def parse_entry(entry: str) -> tuple[str, str]:
+    """``"linear_probe:cub"`` -> ("linear_probe", "cub"); ``"knn"`` -> ("knn", "")."""
+    name, _, dataset = entry.partition(":")
+    if name not in EVAL_KINDS:
+        from hpc_mim.config import ConfigError
+        raise ConfigError(f"evals: unknown evaluation {name!r} in {entry!r}; choose from "
+                          f"{sorted(EVAL_KINDS)}")
+    return name, dataset
