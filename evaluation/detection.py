@@ -167,7 +167,8 @@ def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
         model = Detector(encoder, num_categories(coco), s, info["mean"], info["std"], masks).to(dev)
         loader = train_loader(train_set, s.batch_size, ctx.cfg, collate_pairs)
         train_loss = train(model, loader, s, ctx.loggers[b])
-        metrics = evaluate(model, val_set, ctx.cfg.eval.batch_size, masks, dev)
+        # inference in training-sized batches: a Mask R-CNN keeps ~1000 proposals per image
+        metrics = evaluate(model, val_set, s.batch_size, masks, dev)
         yield b, {**metrics, "train_loss": train_loss}
 
 
