@@ -4,8 +4,7 @@ Every job, whatever it runs, executes ``run_entry(entry, kwargs, status_file)``:
 submitit's job environment into torchrun-style variables (so hpc_mim.distributed needs no
 submitit), calls ``module:function(**kwargs)``, and records RUNNING / COMPLETED / FAILED (with
 the error) in ``status_file`` for ``jobs/submit.py --status``. ``Launcher`` submits a
-``JobSpec`` to SLURM (dependencies via
-``afterok``), to local subprocesses, or in-process (debug).
+``JobSpec`` to SLURM (dependencies via ``afterok``), to local subprocesses, or in-process (debug).
 """
 from __future__ import annotations
 
