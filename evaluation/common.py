@@ -240,9 +240,10 @@ def fit(model: torch.nn.Module, loader: DataLoader, steps: int, opt: torch.optim
         total = loss.item()
         if (step + 1) % every == 0 or step + 1 == steps:
             rate = (step + 1) * loader.batch_size / (time.time() - start)
-            parts = " ".join(f"{k} {v.item():.3f}" for k, v in terms.items()) if len(terms) > 1 else ""
-            print(f"[{tag}] step {step + 1}/{steps} loss {total:.4f} {parts} lr "
+            shown = {k: v.item() for k, v in terms.items()} if len(terms) > 1 else {}  # a lone term = loss
+            parts = "".join(f" {k} {v:.3f}" for k, v in shown.items())
+            print(f"[{tag}] step {step + 1}/{steps} loss {total:.4f}{parts} lr "
                   f"{opt.param_groups[-1]['lr']:.2e} {rate:.0f} img/s", flush=True)
-            logger.log_metrics({"train/loss": total, **{f"train/{k}": v.item() for k, v in terms.items()
-                                                        if len(terms) > 1}}, step=step + 1)
+            logger.log_metrics({"train/loss": total, **{f"train/{k}": v for k, v in shown.items()}},
+                               step=step + 1)
     return total
