@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpc_mim.config import Config, load_config, read_config
 from hpc_mim.data.ffcv_io import build_loader, iterate
+from hpc_mim.distributed.preemption import Preempted
 from hpc_mim.models import build_encoder, load_encoder
 from hpc_mim.rundir import RunDir
 from hpc_mim.tracking import MLflowLogger
@@ -168,9 +169,11 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
         for b, metrics in body(EvalContext(run, cfg, section, info, baselines, dict(loggers))):
             results[b or "pretrained"] = finish(run, loggers.pop(b), label, b, metrics)
     except BaseException as e:
+        # a scheduler stop (Preempted) is not a failure: the requeued job starts new child runs
+        stopped = isinstance(e, Preempted)
         for logger in loggers.values():
-            logger.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-            logger.finish("FAILED")
+            logger.set_tags({"stopped" if stopped else "error": f"{type(e).__name__}: {e}"[:5000]})
+            logger.finish("KILLED" if stopped else "FAILED")
         raise
     return results
 
@@ -192,7 +195,7 @@ def child_run(run: RunDir, label: str, name: str, baseline: str, dataset: str,
     tracking = run.read_tracking()
     logger = MLflowLogger.create_run(
         tracking["uri"], tracking["experiment_id"], f"{label}[{baseline}]" if baseline else label,
-        parent_run_id=tracking["run_id"],
+        parent_run_id=tracking["run_id"], spool_dir=run.spool,
         tags={"eval": name, "job": label, "dataset": dataset, "baseline": baseline or "pretrained"})
     logger.log_params(params)
     return logger

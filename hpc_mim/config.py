@@ -202,10 +202,12 @@ class ClusterConfig:
     cpus_per_task: int = 2
     time_min: int = 60
     eval_time_min: int = 60
+    max_restarts: int = 20              # requeues after preemption / time limit / killed tasks
 
     def validate(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "eval_time_min"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
+        _check(self.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
 
 
 @dataclass

@@ -6,7 +6,8 @@
       checkpoints/       DeepSpeed checkpoints: step_<n>/ folders + an atomic ``latest`` pointer
       encoder.pt         exported encoder weights + model config (what evaluations load)
       evals/<name>.json  each evaluation's final metrics (evals/features/: cached frozen features)
-      logs/pretrain.log  rank 0's progress lines
+      logs/pretrain.log  rank 0's progress lines (logs/starts.log: one line per (re)start)
+      spool/<run_id>.jsonl  MLflow calls made while the tracking server was unreachable
       jobs/              submitit folders: sbatch scripts, logs, pickled results
 
 Evaluations need nothing but this folder: they rebuild the encoder from ``encoder.pt``.
@@ -46,6 +47,8 @@ class RunDir:
     jobs = property(lambda self: self.root / "jobs")
     logs = property(lambda self: self.root / "logs")
     pretrain_log = property(lambda self: self.root / "logs" / "pretrain.log")
+    starts_log = property(lambda self: self.root / "logs" / "starts.log")
+    spool = property(lambda self: self.root / "spool")
 
     def create(self) -> "RunDir":
         for folder in (self.root, self.checkpoints, self.evals, self.jobs, self.logs):

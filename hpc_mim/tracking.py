@@ -5,15 +5,28 @@ several processes and chained jobs write to one run tree: the submitting process
 parent (pre-training) run, the pre-training job logs into it, each evaluation job creates a
 child run (tag ``mlflow.parentRunId``). Metrics are buffered and sent with ``log_batch``: one
 call per flush instead of one HTTP round trip per number (200 points: ~0.1 s vs 10-15 s).
+While the tracking server is unreachable, everything is spooled to the run directory and sent
+later (``MLflowLogger``, ``jobs/sync.py``).
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.tracking import MlflowClient
+# A tracking server that is down must not stall training for minutes: mlflow's HTTP client
+# retries 7 times with exponential backoff by default. Fail fast; the spool keeps everything.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from hpc_mim.rundir import atomic_write_text  # noqa: E402
 
 MAX_PARAMS_PER_BATCH = 100
 
@@ -44,28 +57,40 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
 
 
 class MLflowLogger:
-    """Log into one existing run. ``log_metrics`` buffers; ``flush`` sends one batch."""
+    """Log into one existing run. ``log_metrics`` buffers; ``flush`` sends one batch.
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 200) -> None:
+    With a ``spool`` file (the run directory's spool/<run_id>.jsonl), nothing is lost when the
+    tracking server is unreachable: every call that fails is appended to the spool (one JSON
+    line per operation, fsynced) and training goes on; while the spool is not empty new calls
+    queue behind it, and every ``retry_s`` the spool is replayed in order. ``jobs/sync.py``
+    replays what is left after a job ended. Without a spool, errors propagate.
+    """
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 200, spool: Path | None = None,
+                 retry_s: float = 30.0) -> None:
         self.client = MlflowClient(uri)
         self.uri = uri
         self.run_id = run_id
         self.flush_every = flush_every
+        self.spool = Path(spool) if spool else None
+        self.retry_s = retry_s
         self._buffer: list[Metric] = []
+        self._last_failure = 0.0
 
     @classmethod
     def create_run(cls, uri: str, experiment_id: str, name: str, parent_run_id: str | None = None,
-                   tags: dict[str, str] | None = None) -> "MLflowLogger":
+                   tags: dict[str, str] | None = None, spool_dir: Path | None = None) -> "MLflowLogger":
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
-        return cls(uri, run.info.run_id)
+        spool = Path(spool_dir) / f"{run.info.run_id}.jsonl" if spool_dir else None
+        return cls(uri, run.info.run_id, spool=spool)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        items = [(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH])
+            self._call({"op": "params", "params": items[i:i + MAX_PARAMS_PER_BATCH]})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -76,22 +101,90 @@ class MLflowLogger:
     def flush(self) -> None:
         while self._buffer:
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            self._call({"op": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in batch]})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self._call({"op": "artifact", "path": str(path), "folder": folder})
 
     def start(self) -> None:
         """Mark the run RUNNING (also after a requeue, which reopens a finished run)."""
-        self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self._call({"op": "status", "status": "RUNNING"})
 
     def finish(self, status: str = "FINISHED") -> None:
         self.flush()
-        self.client.set_terminated(self.run_id, status)
+        self._call({"op": "status", "status": status})
+
+    # ---------------------------------------------------------------- delivery
+    def _apply(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "metrics":
+            self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in op["metrics"]])
+        elif kind == "params":
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op["params"]])
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "artifact":
+            self.client.log_artifact(self.run_id, op["path"], op["folder"])
+        elif op["status"] == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.run_id, op["status"])
+
+    def _call(self, op: dict[str, Any]) -> None:
+        if self.spool is None:
+            self._apply(op)
+            return
+        if self.pending() and not self.sync(quiet=True):
+            self._append(op)                         # keep the order: behind the spool
+            return
+        try:
+            self._apply(op)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store: spool it
+            self._failed(e)
+            self._append(op)
+
+    def pending(self) -> int:
+        """Operations waiting in the spool."""
+        if self.spool is None or not self.spool.is_file():
+            return 0
+        return sum(1 for line in self.spool.read_text().splitlines() if line.strip())
+
+    def sync(self, quiet: bool = False) -> bool:
+        """Replay the spool in order (at most every ``retry_s`` when ``quiet``); True when it is
+        empty afterwards. What could not be sent stays, in order."""
+        if not self.pending():
+            return True
+        if quiet and time.time() - self._last_failure < self.retry_s:
+            return False
+        ops = [json.loads(line) for line in self.spool.read_text().splitlines() if line.strip()]
+        for i, op in enumerate(ops):
+            try:
+                self._apply(op)
+            except Exception as e:  # noqa: BLE001
+                self._failed(e)
+                atomic_write_text(self.spool, "".join(json.dumps(o) + "\n" for o in ops[i:]))
+                return False
+        self.spool.unlink()
+        print(f"[tracking] tracking server reachable again: {len(ops)} buffered operations sent "
+              f"to run {self.run_id}", file=sys.stderr, flush=True)
+        return True
+
+    def _failed(self, error: Exception) -> None:
+        if not self._last_failure or time.time() - self._last_failure >= self.retry_s:
+            print(f"[tracking] {self.uri} unreachable ({type(error).__name__}: {str(error)[:200]}); "
+                  f"buffering in {self.spool}, retrying every {self.retry_s:.0f} s",
+                  file=sys.stderr, flush=True)
+        self._last_failure = time.time()
+
+    def _append(self, op: dict[str, Any]) -> None:
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool, "a") as f:
+            f.write(json.dumps(op) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def fetch_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:

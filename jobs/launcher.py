@@ -1,10 +1,17 @@
 """The one submitit launcher (the only module that imports submitit).
 
-Every job, whatever it runs, executes ``run_entry(entry, kwargs, status_file)``: it turns
-submitit's job environment into torchrun-style variables (so hpc_mim.distributed needs no
-submitit), calls ``module:function(**kwargs)``, and records RUNNING / COMPLETED / FAILED (with
-the error) in ``status_file`` for ``jobs/submit.py --status``. ``Launcher`` submits a
-``JobSpec`` to SLURM (dependencies via ``afterok``), to local subprocesses, or in-process (debug).
+Every job, whatever it runs, executes ``run_entry(entry, kwargs, status_file, max_restarts)``:
+it turns submitit's job environment into torchrun-style variables (so hpc_mim.distributed needs
+no submitit), handles the scheduler's stop signals (hpc_mim/distributed/preemption.py: USR2 and
+SIGTERM, replacing submitit's handlers), calls ``module:function(**kwargs)``, and records
+RUNNING / COMPLETED / FAILED / REQUEUED / STOPPED (with the error) in ``status_file`` for
+``jobs/submit.py --status``. ``Launcher`` submits a ``JobSpec`` to SLURM (dependencies via
+``afterok``), to local subprocesses, or in-process (debug).
+
+Requeueing on SLURM: after USR2 the job requeues itself once it has checkpointed; after
+SIGTERM SLURM does (``scontrol requeue``, preemption); a job whose tasks were SIGKILLed (exit
+137: OOM killer, ``kill -9``, a lost node) is requeued by its batch script. All three stop after
+``cluster.max_restarts`` restarts, so a job that is killed every time does not loop forever.
 """
 from __future__ import annotations
 
@@ -32,9 +39,12 @@ def write_status(path: Path, state: str, **fields: Any) -> None:
     atomic_write_text(Path(path), json.dumps(record, indent=2))
 
 
-def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None) -> Any:
+def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None,
+              max_restarts: int = 0) -> Any:
     """Job body: export rank/world/rendezvous, call ``entry``, record how it ended (rank 0)."""
     from hpc_mim.distributed.env import DistEnv, port_for_job, slurm_master_addr
+    from hpc_mim.distributed.preemption import STOP, Preempted, requeue_self
+    STOP.install()
     try:
         job = submitit.JobEnvironment()
     except RuntimeError:          # debug executor: this very process, one task
@@ -52,6 +62,17 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     module, func = entry.split(":")
     try:
         result = getattr(importlib.import_module(module), func)(**kwargs)
+    except Preempted as e:
+        # USR2: SLURM will not requeue us, so rank 0 does; SIGTERM: SLURM decides (requeue,
+        # preemption, or a plain scancel that must stay cancelled)
+        outcome = "SLURM requeues it or it was cancelled"
+        if e.signal_name == "SIGUSR2" and (job is None or job.global_rank == 0):
+            outcome = requeue_self(max_restarts)
+        print(f"[launcher] {e}; {outcome}", flush=True)
+        if record:
+            write_status(status_file, "REQUEUED" if outcome.startswith("requeued") else "STOPPED",
+                         job_id=job_id, error=f"{e}; {outcome}")
+        raise
     except BaseException as e:
         if record:
             write_status(status_file, "FAILED", job_id=job_id, error=f"{type(e).__name__}: {e}"[:2000],
@@ -60,6 +81,15 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     if record:
         write_status(status_file, "COMPLETED", job_id=job_id)
     return result
+
+
+def requeue_on_kill(max_restarts: int) -> str:
+    """Batch-script line: when srun ends with 137 (a task was SIGKILLed) while the job is still
+    RUNNING (not being cancelled) and restarts remain, requeue the job."""
+    return ("trap 'rc=$?; if [ $rc -eq 137 ] && [ \"${SLURM_RESTART_COUNT:-0}\" -lt "
+            f"{max_restarts} ] && scontrol show job $SLURM_JOB_ID | grep -q JobState=RUNNING; then "
+            "echo \"[launcher] tasks were killed (exit 137): requeueing job $SLURM_JOB_ID\"; "
+            "scontrol requeue $SLURM_JOB_ID; fi' EXIT")
 
 
 def failure_reason(error: Exception) -> str:
@@ -88,14 +118,17 @@ class Launcher:
         ex = submitit.SlurmExecutor(folder=self.folder / spec.name / "%j")
         params: dict[str, Any] = dict(
             job_name=f"hpc_mim-{spec.name}", nodes=spec.nodes, ntasks_per_node=spec.tasks_per_node,
-            cpus_per_task=spec.cpus_per_task, time=spec.time_min)
+            cpus_per_task=spec.cpus_per_task, time=spec.time_min,
+            # one task dying ends the step at once (else the others wait in a collective)
+            srun_args=["--kill-on-bad-exit=1"], setup=[requeue_on_kill(spec.max_restarts)])
+        extra: dict[str, Any] = {"requeue": True}
         if spec.gpus_per_node:
             params["gpus_per_node"] = spec.gpus_per_node
         if self.partition:
             params["partition"] = self.partition
         if after_ids:
-            params["additional_parameters"] = {"dependency": "afterok:" + ":".join(after_ids)}
-        ex.update_parameters(**params)
+            extra["dependency"] = "afterok:" + ":".join(after_ids)
+        ex.update_parameters(additional_parameters=extra, **params)
         return ex
 
     def executor(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Executor:
@@ -120,7 +153,7 @@ class Launcher:
 
     def submit(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Job:
         return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs,
-                                                     str(self.status_file(spec)))
+                                                     str(self.status_file(spec)), spec.max_restarts)
 
     def submit_plan(self, plan: list[JobSpec]) -> dict[str, submitit.Job]:
         """SLURM: queue every job now; the scheduler holds each until its dependencies succeed."""

@@ -23,6 +23,7 @@ class JobSpec:
     cpus_per_task: int = 1
     gpus_per_node: int = 0
     time_min: int = 60
+    max_restarts: int = 0                        # requeues after preemption, timeout or kill
     after: list[str] = field(default_factory=list)   # names of jobs that must succeed first
 
     @property
@@ -34,12 +35,13 @@ def build_plan(cfg: Config, run_dir: str) -> list[JobSpec]:
     c = cfg.cluster
     pretrain = JobSpec("pretrain", PRETRAIN_ENTRY, {"run_dir": run_dir}, nodes=c.nodes,
                        tasks_per_node=c.tasks_per_node, cpus_per_task=c.cpus_per_task,
-                       gpus_per_node=c.gpus_per_node, time_min=c.time_min)
+                       gpus_per_node=c.gpus_per_node, time_min=c.time_min,
+                       max_restarts=c.max_restarts)
     # each evaluation depends on pre-training only: one that fails does not hold up the others
     evals = [JobSpec(label, EVALUATIONS[name], {"run_dir": run_dir, "dataset": dataset, "label": label},
                      nodes=1, tasks_per_node=1, cpus_per_task=c.cpus_per_task,
                      gpus_per_node=min(1, c.gpus_per_node), time_min=c.eval_time_min,
-                     after=["pretrain"])
+                     max_restarts=c.max_restarts, after=["pretrain"])
              for label, name, dataset in cfg.eval_jobs()]
     return [pretrain, *evals]
 

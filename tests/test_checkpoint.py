@@ -1,6 +1,10 @@
 import os
+import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +142,114 @@ def test_ema_teacher_is_checkpointed_restored_and_exact_under_zero(tmp_path, dat
         assert torch.allclose(three[key], m * two[key] + (1 - m) * student, atol=1e-6), key
     moved = max((three[k] - two[k]).abs().max().item() for k in teacher)
     assert moved > 1e-4                          # the update did something
+
+
+def start_pretrain(run) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    return subprocess.Popen([sys.executable, "-m", "hpc_mim.train.pretrain", "--run-dir", str(run.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_for_step(run, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until rank 0's progress log shows ``step`` (or the process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if run.pretrain_log.is_file() and f" step {step}/" in run.pretrain_log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached: {proc.poll()=}")
+
+
+def encoder_weights(run) -> dict[str, torch.Tensor]:
+    return torch.load(run.encoder, weights_only=False)["state_dict"]
+
+
+EXACT = ["train.epochs=3", "train.log_every=1", "checkpoint.every_steps=5", "data.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root):
+    """The uninterrupted run (3 epochs x 8 steps) the interrupted ones must reproduce."""
+    ref, _, _ = make_run(tmp_path_factory.mktemp("reference"), [f"data.root={data_root}", *EXACT])
+    assert pretrain(ref).returncode == 0
+    return ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_stop_signal_checkpoints_and_resume_is_bit_identical(tmp_path, data_root, reference, sig):
+    """Stopped by a scheduler signal mid-epoch, run again: the same final weights, bit for bit,
+    as an uninterrupted run, and one MLflow run with every step logged exactly once."""
+    from hpc_mim.tracking import MlflowClient
+
+    ref = reference
+    run, uri, run_id = make_run(tmp_path / "cut", [f"data.root={data_root}", *EXACT])
+    proc = start_pretrain(run)
+    wait_for_step(run, 7, proc)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out[-2000:]
+    stopped = re.search(rf"{sig.name} at step (\d+): checkpoint saved, stopping", out)
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert 7 <= step < 24 and (run.checkpoints / "latest").read_text() == f"step_{step:08d}"
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert f"stopped by {sig.name} at step {step}" in client.get_run(run_id).data.tags["stopped"]
+
+    second = pretrain(run)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from step_{step:08d} at step {step}" in second.stdout
+    mine, reference = encoder_weights(run), encoder_weights(ref)
+    assert all(torch.equal(mine[k], reference[k]) for k in reference)
+    info = client.get_run(run_id)
+    assert info.info.status == "FINISHED" and info.data.tags["restarts"] == "1"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 25))          # 3 epochs x 8 steps, each once
+
+
+def test_resume_without_exact_data_position_would_differ(tmp_path, data_root, reference):
+    """The check above can fail: resuming one micro-batch later in the data gives other weights."""
+    ref = reference
+    run, _, _ = make_run(tmp_path / "cut", [f"data.root={data_root}", *EXACT])
+    proc = start_pretrain(run)
+    wait_for_step(run, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    tag = (run.checkpoints / "latest").read_text()
+    client_state = run.checkpoints / tag / "mp_rank_00_model_states.pt"
+    blob = torch.load(client_state, weights_only=False)
+    blob["micro"] += 1                                   # skip one micro-batch too many
+    torch.save(blob, client_state)
+    assert pretrain(run).returncode == 0
+    mine, reference = encoder_weights(run), encoder_weights(ref)
+    assert not all(torch.equal(mine[k], reference[k]) for k in reference)
+
+
+def test_kill_during_checkpoint_write_leaves_a_loadable_latest(tmp_path, data_root):
+    """SIGKILL in the middle of writing step 8's checkpoint (shards written, not yet published):
+    ``latest`` still names step 4, which loads, and the run resumes from it."""
+    from hpc_mim.distributed.deepspeed import consolidated_state_dict
+
+    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", *EXACT, "checkpoint.every_steps=4"])
+    crash = textwrap.dedent(f"""
+        import os, signal, sys
+        from hpc_mim.distributed import deepspeed as ds
+        from hpc_mim.train import pretrain
+        real = ds.save_checkpoint
+        def save_then_die(engine, folder, tag, state):
+            real(engine, folder, tag, state)
+            if tag.startswith("step_00000008"):       # half-way: shards on disk, nothing published
+                os.kill(os.getpid(), signal.SIGKILL)
+        ds.save_checkpoint = save_then_die
+        pretrain.main({str(run.root)!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert (run.checkpoints / "step_00000008.tmp").is_dir()          # the interrupted write
+    assert (run.checkpoints / "latest").read_text() == "step_00000004"
+    assert consolidated_state_dict(run.checkpoints, "step_00000004")  # loads
+    again = pretrain(run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step_00000004 at step 4" in again.stdout
+    assert not list(run.checkpoints.glob("*.tmp"))

@@ -2,9 +2,10 @@
 
 Loaders yield ``{"image": float (B, 3, S, S) normalised, "label": long (B,)}``, plus one
 normalised view per name in ``extra_views`` (hpc_mim/data/views.py): the same images decoded
-again with their own crop and flip, then that view's recipe. Sample order is
-a pure function of (seed, epoch) (FFCV's RANDOM order; DistributedSampler semantics when
-distributed), which is what makes resuming by (epoch, step) exact.
+again with their own crop and flip, then that view's recipe. Sample order is a pure function of
+(seed, epoch) (FFCV's RANDOM order; DistributedSampler semantics when distributed), and so is
+every crop and flip (seeded_crop.py): resuming by (epoch, micro-batch) sees exactly the batches
+an uninterrupted run would have seen.
 
 Pitfall (libffcv/ffcv#396): on CPU, putting NormalizeImage after ToTensor/ToTorchImage makes the
 loader spin forever in ``Graph.group_operations``, so every JIT op stays before ``ToTensor``.
@@ -18,16 +19,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder,
-                                  RandomResizedCropRGBImageDecoder)
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
-from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
-                             ToTorchImage)
+from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
 
+from hpc_mim.data.seeded_crop import SeededRandomResizedCrop, SkippableOrder
 from hpc_mim.data.views import check_views, finish_view
 
 if os.environ.get("HPC_MIM_FFCV_JIT", "1") == "0":
@@ -50,10 +50,9 @@ def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode
     writer.from_indexed_dataset(dataset, chunksize=256)
 
 
-def _image_pipeline(decoder, mean: Sequence[float], std: Sequence[float], flip: bool,
+def _image_pipeline(decoder, mean: Sequence[float], std: Sequence[float],
                     device: torch.device) -> list:
-    ops = [decoder] + ([RandomHorizontalFlip()] if flip else [])
-    ops += [NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32),
+    ops = [decoder, NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32),
             ToTensor()]
     if device.type == "cuda":
         ops.append(ToDevice(device, non_blocking=True))
@@ -72,8 +71,8 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path} (convert it with data_prep/)")
     device = torch.device(device)
-    if train:
-        decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(crop_scale))
+    if train:      # stream 0; extra views 1, 2, ...: independent crops of the same sample
+        decoder = SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip, seed=seed)
     else:
         decoder = CenterCropRGBImageDecoder((img_size, img_size), ratio=eval_crop_ratio)
     label_ops = [IntDecoder(), ToTensor(), Squeeze()]
@@ -82,34 +81,37 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
     indices = None
     if max_samples:
         indices = np.arange(min(max_samples, num_samples(path)))
-    pipelines = {"image": _image_pipeline(decoder, mean, std, train and hflip, device),
-                 "label": label_ops}
-    for name in extra_views:      # a second decoder of the same field: its own crop and flip
-        ops = [RandomHorizontalFlip()] if hflip else []
-        ops += [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
-        pipelines[name] = PipelineSpec("image", decoder=RandomResizedCropRGBImageDecoder(
-            (img_size, img_size), scale=tuple(crop_scale)), transforms=ops + [ToTorchImage()])
+    pipelines = {"image": _image_pipeline(decoder, mean, std, device), "label": label_ops}
+    decoders = [decoder] if train else []
+    for stream, name in enumerate(extra_views, start=1):   # the same field decoded again
+        decoders.append(SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip,
+                                                seed=seed, stream=stream))
+        ops = [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
+        pipelines[name] = PipelineSpec("image", decoder=decoders[-1], transforms=ops + [ToTorchImage()])
     loader = Loader(path, batch_size=batch_size, num_workers=num_workers,
                     order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
                     drop_last=train, distributed=distributed, seed=seed, indices=indices,
                     os_cache=True, pipelines=pipelines)
     loader.hpc_views = (tuple(extra_views), tuple(mean), tuple(std))
+    loader.hpc_decoders = decoders
+    loader.traversal_order = SkippableOrder(loader.traversal_order)
     return loader
 
 
 def iterate(loader: Loader, epoch: int | None = None,
             skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches as dicts. ``epoch`` pins the (seed, epoch) order, e.g. when resuming; the first
-    ``skip`` batches are read but not yielded (nor augmented further: no RNG is drawn for them).
+    """Batches as dicts. ``epoch`` pins the (seed, epoch) order and crops, e.g. when resuming;
+    ``skip``: start after that many batches of this rank (they are not even decoded).
 
     The tensors live in FFCV's recycled buffers: use them before the next batch, or clone.
     """
     if epoch is not None:
         loader.next_epoch = epoch
+    for decoder in getattr(loader, "hpc_decoders", ()):
+        decoder.set_epoch(loader.next_epoch)
+    loader.traversal_order.skip = skip * loader.batch_size
     views, mean, std = getattr(loader, "hpc_views", ((), (), ()))
-    for index, (image, label, *extra) in enumerate(loader):  # pipeline order: fields, then views
-        if index < skip:
-            continue
+    for image, label, *extra in loader:                # pipeline order: fields, then views
         batch = {"image": image.contiguous(), "label": label.long()}
         for name, raw in zip(views, extra):
             batch[name] = finish_view(name, raw, mean, std)

@@ -1,30 +1,57 @@
 """Pre-training job entry point: ``python -m hpc_mim.train.pretrain --run-dir RUN``.
 
 Reads everything from the run directory (written by jobs/submit.py), resumes from its latest
-checkpoint if there is one, and marks the MLflow run finished, or failed with the error as a tag.
+checkpoint if there is one, and keeps logging into the same MLflow run across restarts (tag
+``restarts``). The run ends FINISHED; FAILED with the error as a tag (the chained evaluations
+then never start); or KILLED with a ``stopped`` tag when a scheduler signal stopped it after a
+checkpoint (it turns RUNNING again when the requeued job starts).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import time
 
 from hpc_mim.config import read_config
 from hpc_mim.rundir import RunDir
 
 
+def count_start(run: RunDir) -> int:
+    """Append this start to logs/starts.log; returns how many starts came before it."""
+    run.logs.mkdir(parents=True, exist_ok=True)
+    before = len(run.starts_log.read_text().splitlines()) if run.starts_log.is_file() else 0
+    with open(run.starts_log, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} host={socket.gethostname()} "
+                f"slurm_job={os.environ.get('SLURM_JOB_ID', '-')} "
+                f"slurm_restart_count={os.environ.get('SLURM_RESTART_COUNT', '0')}\n")
+    return before
+
+
 def main(run_dir: str) -> dict[str, float]:
     from hpc_mim.distributed.env import detect
+    from hpc_mim.distributed.preemption import STOP, Preempted
     from hpc_mim.tracking import MLflowLogger
     from hpc_mim.train.trainer import Trainer
+
+    STOP.install()            # also when started by torchrun or srun rather than our launcher
 
     run = RunDir(run_dir)
     cfg = read_config(run.config)
     logger = None
     if detect().is_main:
         tracking = run.read_tracking()
-        logger = MLflowLogger(tracking["uri"], tracking["run_id"])
+        logger = MLflowLogger(tracking["uri"], tracking["run_id"],
+                              spool=run.spool / f"{tracking['run_id']}.jsonl")
         logger.start()
+        logger.set_tags({"restarts": count_start(run)})
     try:
         metrics = Trainer(cfg, run, logger=logger).fit()
+    except Preempted as e:
+        if logger:
+            logger.set_tags({"stopped": str(e)})
+            logger.finish("KILLED")
+        raise
     except BaseException as e:
         if logger:
             logger.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})

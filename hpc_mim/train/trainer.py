@@ -5,6 +5,13 @@ Schedule (MAE, arXiv 2111.06377 App. A.1): lr = blr * batch_size / 256 (or LUT's
 blr * sqrt(batch_size) / 4), linear warmup, then half-cosine to the floor, updated every optimizer
 step (timm's CosineLRScheduler). After every optimizer step the method's ``on_optimizer_step``
 hook runs (EMA teachers), over whole tensors even under ZeRO-3.
+
+Nothing lost: checkpoints every ``checkpoint.every_steps`` and at each epoch's end hold the
+weights, optimizer, EMA teachers, the data position (epoch, micro-batch) and every rank's RNG
+states; data order and crops are functions of (seed, epoch), so a resumed run continues exactly
+as an uninterrupted one would (bit-identical on CPU in fp32 at the same world size). A stop
+signal (hpc_mim/distributed/preemption.py) ends the run after the current step with a
+checkpoint; a non-finite loss stops it before anything is saved.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from hpc_mim.config import Config
 from hpc_mim.data.ffcv_io import build_loader, iterate
 from hpc_mim.distributed import deepspeed as ds
 from hpc_mim.distributed.env import DistEnv, detect, set_threads
+from hpc_mim.distributed.preemption import STOP, Preempted
 from hpc_mim.methods import build_method
 from hpc_mim.models.vit import save_encoder
 from hpc_mim.rundir import RunDir
@@ -94,12 +102,21 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         epoch, skip, step = self.resume()
         t = self.cfg.train
-        sums: dict[str, float] = defaultdict(float)       # loss terms summed over the window
-        tic, seen, window, last = time.time(), 0, 0, {}
+        self.last_metrics: dict[str, float] = {}
         self.log(f"start: {self.cfg.method.name}, {self.total_steps} steps ({self.steps_per_epoch}/epoch, batch {t.batch_size}"
                  f" = {t.micro_batch_size} x {self.env.world_size} ranks x {self.accum} accum), "
                  f"ZeRO-{t.zero_stage} {t.precision}, lr {self.lr:.3g}, {self.threads} threads/rank")
         per_epoch = self.steps_per_epoch * self.accum          # micro-batches; the rest is dropped
+        with STOP.polled():
+            self.loop(epoch, skip, step, per_epoch)
+        self.export()
+        return self.last_metrics
+
+    def loop(self, epoch: int, skip: int, step: int, per_epoch: int) -> None:
+        t = self.cfg.train
+        sums: dict[str, float] = defaultdict(float)       # loss terms summed over the window
+        terms: dict[str, float] = defaultdict(float)      # ... over this step's micro-batches
+        tic, seen, window = time.time(), 0, 0
         while step < self.total_steps:
             done = skip                          # resumed mid-epoch: same order, done ones skipped
             for micro, batch in enumerate(iterate(self.loader, epoch, skip=skip), start=skip):
@@ -112,27 +129,47 @@ class Trainer:
                 self.engine.backward(out["loss"])
                 self.engine.step()
                 for name, value in out.items():
-                    sums[name] += value.detach().float().item() / self.accum
+                    terms[name] += value.detach().float().item() / self.accum
                 seen += batch["image"].shape[0] * self.env.world_size
                 done = micro + 1                 # micro-batches of this epoch done
                 if done % self.accum:
                     continue
                 step, window = step + 1, window + 1
                 self.after_step(step)
-                if not math.isfinite(sums["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}): "
-                                             + ", ".join(f"{k}={v:.4g}" for k, v in sums.items()))
+                signal_name, finite = self.agree(math.isfinite(terms["loss"]))
+                if not finite:                   # before any save: the last checkpoint stays good
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step} (epoch {epoch}); terms on rank "
+                        f"{self.env.rank}: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                        + f"; the last good checkpoint is {self.ckpt.latest()}")
+                for name, value in terms.items():
+                    sums[name] += value
+                terms.clear()
                 if step % t.log_every == 0 or step == self.total_steps:
-                    last = self.log_metrics(sums, window, step, epoch, seen / (time.time() - tic))
+                    self.last_metrics = self.log_metrics(sums, window, step, epoch,
+                                                         seen / (time.time() - tic))
                     sums, tic, seen, window = defaultdict(float), time.time(), 0, 0
-                if step % self.cfg.checkpoint.every_steps == 0 and done < per_epoch and step < self.total_steps:
+                periodic = step % self.cfg.checkpoint.every_steps == 0
+                if periodic and done < per_epoch and step < self.total_steps:
                     self.save(epoch, done, step)     # the save below covers the epoch's end
+                if signal_name and step < self.total_steps:     # at the end: just finish
+                    if not (periodic and done < per_epoch and step < self.total_steps):
+                        self.save(*((epoch + 1, 0) if done >= per_epoch else (epoch, done)), step)
+                    self.log(f"{signal_name} at step {step}: checkpoint saved, stopping")
+                    raise Preempted(signal_name, step)
             epoch, skip = (epoch + 1, 0) if done >= per_epoch else (epoch, done)
             self.save(epoch, skip, step)         # epoch boundary, or where max_steps stopped us
-        self.export()
-        return last
 
     # ------------------------------------------------------------------ pieces
+    def agree(self, finite: bool) -> tuple[str | None, bool]:
+        """After each step, all ranks agree on (the stop signal any rank received, whether every
+        rank's loss was finite): they must save or stop together. USR2 wins over TERM: after it
+        the job must requeue itself."""
+        codes = ("", "SIGTERM", "SIGUSR2")
+        flags = torch.tensor([codes.index(STOP.received or ""), int(not finite)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return codes[int(flags[0])] or None, not bool(flags[1])
+
     def after_step(self, step: int) -> None:
         """The method's hook (EMA teachers) on gathered parameters, with progress in [0, 1]."""
         read, write = self.method.ema_parameters()

@@ -1,0 +1,89 @@
+"""Stop requests from the scheduler, and requeueing.
+
+Two signals mean "this job must stop soon":
+
+- ``SIGUSR2``: SLURM's warning before the time limit or a preemption (``--signal=USR2@90``,
+  submitit's convention; also ``scancel --signal=USR2``). SLURM does not requeue by itself, so
+  the job requeues itself (``scontrol requeue``) after checkpointing.
+- ``SIGTERM``: what ``scontrol requeue``, preemption with PreemptMode=REQUEUE and ``scancel``
+  send first (then SIGKILL after KillWait, 30 s by default). SLURM decides about the requeue;
+  the job only checkpoints and exits. (submitit ignores SIGTERM by default; we do not.)
+
+A long-running entry (the trainer) declares itself *cooperative* and polls ``STOP.received``
+between steps, so it can finish the step, checkpoint and raise :class:`Preempted`. Any other
+entry (an evaluation) gets :class:`Preempted` raised at once and restarts from scratch.
+
+A job killed outright (SIGKILL: OOM killer, ``kill -9``, a node lost) cannot do anything; its
+batch script requeues it (jobs/launcher.py) and it resumes from the last periodic checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class Preempted(Exception):
+    """The job stopped on a scheduler signal (after checkpointing, if it could)."""
+
+    def __init__(self, signal_name: str, step: int | None = None) -> None:
+        at = f" at step {step} (checkpoint saved)" if step is not None else ""
+        super().__init__(f"stopped by {signal_name}{at}")
+        self.signal_name, self.step = signal_name, step
+
+
+class StopRequests:
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.cooperative = False
+
+    def install(self) -> None:
+        """Handle SIGUSR2 and SIGTERM in this process (main thread only)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        then = "stopping after the current step" if self.cooperative else "stopping now"
+        # os.write: print() from a handler can hit "reentrant call" inside a buffered write
+        os.write(2, f"[preemption] {name} received at {time.strftime('%H:%M:%S')}; {then}\n".encode())
+        self.received = self.received or name
+        if not self.cooperative:
+            raise Preempted(name)
+
+    @contextmanager
+    def polled(self) -> Iterator["StopRequests"]:
+        """Inside this block signals only set ``received``; the caller checks it."""
+        self.cooperative = True
+        try:
+            if self.received:              # arrived before the block: stop at the first check
+                print(f"[preemption] {self.received} arrived earlier", file=sys.stderr, flush=True)
+            yield self
+        finally:
+            self.cooperative = False
+
+
+STOP = StopRequests()
+
+
+def requeue_self(max_restarts: int) -> str:
+    """``scontrol requeue`` this SLURM job unless it has been restarted ``max_restarts`` times
+    already. Returns what happened, for the logs."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return "not on SLURM: run the same command again to resume"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_restarts:
+        return f"not requeued: already restarted {restarts} times (cluster.max_restarts)"
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True,
+                       timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"scontrol requeue {job} failed: {e}"
+    return f"requeued job {job} (restart {restarts + 1} of at most {max_restarts})"
