@@ -6,16 +6,24 @@
 folder per class; class indices follow the sorted folder names of the first split. Writes
 ``<out>/<split>.beton`` and a manifest ``<out>/<split>.json``. Then add the dataset to
 configs/datasets.yaml so configs can name it.
+
+Every file is decoded once before writing (in ``--workers`` processes): broken ones (empty,
+corrupt, truncated, too small, decompression bombs) are skipped and listed with the reason in
+the manifest and on stdout; CMYK, grayscale, palette, alpha and 16-bit images are converted to
+RGB (data_prep/images.py). The exit code is 1 only when more than ``--max-bad-fraction`` of a
+split was skipped (the files are still written, so one can look).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from data_prep import images
 from data_prep.manifest import run_cli, write_split
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -44,25 +52,59 @@ class ImageFolderSamples:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB")), label
+        return images.load_rgb(path), label
+
+
+class TooManyBadImages(ValueError):
+    """More than the allowed fraction of a split could not be converted."""
+
+
+def screen(samples: list[tuple[Path, int]], root: Path, num_workers: int, min_size: int,
+           max_pixels: int) -> tuple[list[tuple[Path, int]], list[dict[str, str]]]:
+    """(samples that decode, [{"file", "reason"}] of those skipped), in the original order."""
+    check = partial(images.check, min_size=min_size, max_pixels=max_pixels)
+    paths = [p for p, _ in samples]
+    if num_workers > 1:
+        with Pool(num_workers) as pool:
+            reasons = pool.map(check, paths, chunksize=64)
+    else:
+        reasons = [check(p) for p in paths]
+    good = [s for s, r in zip(samples, reasons) if r is None]
+    skipped = [{"file": str(p.relative_to(root)), "reason": r} for p, r in zip(paths, reasons) if r]
+    return good, skipped
 
 
 def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None, mode: str,
-            num_workers: int) -> dict[str, Path]:
-
+            num_workers: int, min_size: int = images.MIN_SIZE, max_pixels: int = images.MAX_PIXELS,
+            max_bad_fraction: float = 0.01) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     classes: list[str] | None = None
-    written = {}
+    written, too_bad = {}, []
     for split in splits:
         samples, classes = scan(src / split, classes)
+        good, skipped = screen(samples, src / split, num_workers, min_size, max_pixels)
+        for s in skipped:
+            print(f"[data_prep] skipped {split}/{s['file']}: {s['reason']}", flush=True)
+        fraction = len(skipped) / len(samples)
+        print(f"[data_prep] {split}: {len(good)} of {len(samples)} images converted, "
+              f"{len(skipped)} skipped ({100 * fraction:.2f}%)", flush=True)
+        if not good:
+            raise TooManyBadImages(f"{src / split}: none of {len(samples)} images could be read")
         path = out / f"{split}.beton"
-        write_split(path, ImageFolderSamples(samples), source=str(src / split), classes=classes,
-                    labels=[y for _, y in samples], max_resolution=max_resolution, mode=mode,
-                    num_workers=num_workers)
+        write_split(path, ImageFolderSamples(good), source=str(src / split), classes=classes,
+                    labels=[y for _, y in good], max_resolution=max_resolution, mode=mode,
+                    num_workers=num_workers,
+                    extra={"num_files": len(samples), "num_skipped": len(skipped),
+                           "skipped_fraction": round(fraction, 6), "skipped": skipped})
         written[split] = path
+        if fraction > max_bad_fraction:
+            too_bad.append(f"{split}: {len(skipped)} of {len(samples)} ({100 * fraction:.1f}%)")
+    if too_bad:
+        raise TooManyBadImages(f"more than {100 * max_bad_fraction:g}% of the images could not be "
+                               f"converted ({'; '.join(too_bad)}); see 'skipped' in the manifests "
+                               f"in {out} (--max-bad-fraction raises the limit)")
     return written
 
 
@@ -74,9 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-resolution", type=int, default=None, help="longest side kept (None = as is)")
     ap.add_argument("--mode", choices=["raw", "jpg"], default="jpg")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--min-size", type=int, default=images.MIN_SIZE,
+                    help="skip images with a side shorter than this (px)")
+    ap.add_argument("--max-pixels", type=int, default=images.MAX_PIXELS,
+                    help="skip images with more pixels than this (decompression bombs)")
+    ap.add_argument("--max-bad-fraction", type=float, default=0.01,
+                    help="exit 1 when more than this fraction of a split is skipped")
     args = ap.parse_args(argv)
     return run_cli(lambda: convert(args.src, args.out, args.splits, args.max_resolution, args.mode,
-                                   args.workers))
+                                   args.workers, args.min_size, args.max_pixels,
+                                   args.max_bad_fraction))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def write_manifest(beton: Path, *, source: str, classes: list[str], labels: list
 
 
 def write_split(path: Path, dataset: Any, *, source: str, classes: list[str], labels: list[int],
-                max_resolution: int | None, mode: str, num_workers: int = 2) -> Path:
+                max_resolution: int | None, mode: str, num_workers: int = 2,
+                extra: dict[str, Any] | None = None) -> Path:
     """``dataset[i] -> (HWC uint8 RGB, label)`` to ``path`` (.beton), then ``path``.json."""
     from hpc_mim.data.ffcv_io import write_beton
 
@@ -44,7 +45,7 @@ def write_split(path: Path, dataset: Any, *, source: str, classes: list[str], la
     write_beton(str(path), dataset, max_resolution, mode, num_workers=num_workers)
     return write_manifest(path, source=source, classes=classes, labels=labels,
                           extra={"mode": mode, "max_resolution": max_resolution,
-                                 "seconds": round(time.time() - start, 1)})
+                                 "seconds": round(time.time() - start, 1), **(extra or {})})
 
 
 def run_cli(convert: Callable[[], Any]) -> int:

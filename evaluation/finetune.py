@@ -63,7 +63,7 @@ def accuracy(model: nn.Module, loader) -> dict[str, float]:
 def finetune(model: Classifier, ctx: EvalContext, logger: MLflowLogger) -> dict[str, float]:
     s, info, cfg = ctx.section, ctx.info, ctx.cfg
     env, dev = detect(), device()
-    ds.init_distributed(env, dev)
+    ds.init_distributed(env, dev, cfg.cluster.rendezvous_timeout_s)
     img_size = model.encoder.config["img_size"]
     loader = build_loader(info["train"], s.micro_batch_size, img_size, info["mean"], info["std"],
                           train=True, seed=cfg.train.seed, crop_scale=(0.08, 1.0), hflip=True,

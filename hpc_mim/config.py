@@ -190,6 +190,10 @@ class CheckpointConfig:
 class TrackingConfig:
     uri: str = ""                       # "" = sqlite:///<runs_root>/mlflow.db; or http://host:port
     experiment: str = "hpc_mim"
+    retry_s: float = 30.0               # while the server is unreachable: retry this often
+
+    def validate(self) -> None:
+        _check(self.retry_s > 0, "tracking.retry_s", "must be > 0")
 
 
 @dataclass
@@ -203,11 +207,13 @@ class ClusterConfig:
     time_min: int = 60
     eval_time_min: int = 60
     max_restarts: int = 20              # requeues after preemption / time limit / killed tasks
+    rendezvous_timeout_s: int = 300     # all ranks must have joined by then, else a clear error
 
     def validate(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "eval_time_min"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
         _check(self.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
+        _check(self.rendezvous_timeout_s >= 1, "cluster.rendezvous_timeout_s", "must be >= 1")
 
 
 @dataclass

@@ -3,7 +3,8 @@
     python jobs/submit.py --status runs/<name>
 
 Sources, most specific first: the status record each job writes when it starts and ends
-(``jobs/<job>.status.json``: COMPLETED, or FAILED with the exception), then the scheduler
+(``jobs/<job>.status.json``: COMPLETED, FAILED with the exception, or REQUEUED / STOPPED after
+a scheduler signal), then the scheduler
 (``scontrol``: PENDING with its reason, RUNNING, or an end the job could not record itself,
 such as TIMEOUT, CANCELLED, OUT_OF_MEMORY, NODE_FAIL), then MLflow (the parent run of
 pre-training, the child runs of each evaluation).
@@ -38,8 +39,8 @@ def job_row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
             state, reason = known
             if state == "PENDING" and reason == "DependencyNeverSatisfied":
                 state, detail = "NEVER STARTS", f"{', '.join(entry['after'])} did not succeed"
-            elif reason != "None":
-                detail = reason
+            elif reason != "None":        # keep why it was requeued, add why it waits
+                detail = f"{detail}; {reason}" if detail else reason
     return {"job": name, "job_id": entry["job_id"] or "-", "state": state, "detail": detail,
             "log": entry.get("log") or "-"}
 

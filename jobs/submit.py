@@ -13,8 +13,8 @@ starts only after pre-training succeeded (SLURM ``afterok``; locally: run after 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,8 +75,12 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
                                   f"convert it first: {info.get('convert', 'see data_prep/')}")
     root = run_dir.parent
     probe = root if root.exists() else next(p for p in root.parents if p.exists())
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"runs_root: {root} is not writable")
+    if not probe.is_dir():
+        raise ConfigError(f"runs_root: {root} cannot be created: {probe} is not a folder")
+    try:                       # really write: os.access says yes to root on a read-only mount
+        tempfile.TemporaryDirectory(dir=probe, prefix=".hpc_mim-probe-").cleanup()
+    except OSError as e:
+        raise ConfigError(f"runs_root: {root} is not writable ({e.strerror} in {probe})") from e
     if run_dir.exists():
         raise ConfigError(f"name: run directory {run_dir} already exists; pick another --set name=...")
 
@@ -90,7 +94,8 @@ def status(run_dir: str) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_status(rows))
-    return 1 if any(r["state"] not in ("COMPLETED", "PENDING", "RUNNING") for r in rows) else 0
+    fine = ("COMPLETED", "PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING")
+    return 1 if any(r["state"] not in fine for r in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,3 +155,40 @@ def test_local_failed_pretraining_starts_no_evaluation(tmp_path, data_root):
     tracking = json.loads((tmp_path / "bad" / "tracking.json").read_text())
     parent = MlflowClient(tracking["uri"]).get_run(tracking["run_id"])
     assert parent.info.status == "FAILED" and "fewer than one optimizer step" in parent.data.tags["error"]
+
+
+def test_slurm_nan_loss_stops_keeps_last_good_checkpoint_and_no_evaluation_starts(tmp_path, slurm_cluster, data_root):
+    """An absurd learning rate makes the loss NaN at step 3: the job fails (no requeue), the
+    message names the step and the loss terms, step 2's checkpoint is still ``latest`` and
+    loads, the MLflow run is FAILED, and the chained evaluations never start."""
+    from hpc_mim.distributed.deepspeed import consolidated_state_dict
+
+    r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
+               "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=nan",
+               "--set", "train.blr=1e30", "--set", "checkpoint.every_steps=1")
+    assert r.returncode == 0, r.stderr
+    ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
+    deadline = time.time() + 300
+    while scontrol(ids["pretrain"])["JobState"] != "FAILED":
+        assert time.time() < deadline, scontrol(ids["pretrain"])
+        time.sleep(2)
+    run_dir = tmp_path / "nan"
+    message = "non-finite loss at step 3 (epoch 0); terms on rank 0: loss=nan"
+    assert message in (run_dir / "logs" / "pretrain.log").read_text()
+    assert scontrol(ids["pretrain"])["Restarts"] == "0"              # a NaN is not requeued
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest == "step_00000002"
+    assert consolidated_state_dict(run_dir / "checkpoints", latest)   # loads
+    for name in ("knn", "linear_probe"):
+        info = scontrol(ids[name])
+        assert info["JobState"] == "PENDING" and info["Reason"] == "DependencyNeverSatisfied"
+        subprocess.run(["scancel", ids[name]], check=True)
+
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(tracking["uri"])
+    parent = client.get_run(tracking["run_id"])
+    assert parent.info.status == "FAILED" and message in parent.data.tags["error"]
+    assert not client.search_runs([tracking["experiment_id"]],
+                                  f"tags.mlflow.parentRunId = '{tracking['run_id']}'")
+    status = submit("--status", str(run_dir))
+    assert status.returncode == 1 and "FloatingPointError: non-finite loss at step 3" in status.stdout

@@ -22,21 +22,28 @@ def test_dry_run_prints_plan_and_sbatch_scripts_and_queues_nothing(tmp_path, slu
 
 def test_bad_config_fails_before_anything_is_queued(tmp_path, slurm_cluster, data_root):
     before = squeue_ids()
-    cases = {
-        "train.epochz=3": "train.epochz",
-        "method.mask_ratio=1.0": "method.mask_ratio",
-        "train.micro_batch_size=48": "train.batch_size",
+    cases = {                       # override -> what the one-line error must say
+        "train.epochz=3": "unknown config key 'train.epochz' (--set train.epochz=3); did you mean 'train.epochs'?",
+        "train.epochs=three": "train.epochs: expected int, got 'three'",
+        "method.mask_ratio=1.0": "method.mask_ratio: 1.0 must be in [0, 1)",
+        "train.micro_batch_size=48": "train.batch_size: 64 is not a multiple of train.micro_batch_size=48",
+        "cluster.tasks_per_node=3": "not divisible by train.micro_batch_size x world size = 32 x 6",
+        "evals=[knn, segmentaton]": "segmentaton",
+        "runs_root=/proc/hpc_mim_runs": "runs_root: /proc/hpc_mim_runs is not writable",
+        f"runs_root={tmp_path / 'a_file' / 'runs'}": "is not a folder",
     }
-    for override, key in cases.items():
+    (tmp_path / "a_file").write_text("")
+    for override, message in cases.items():
         r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
                    "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", override)
-        assert r.returncode == 2 and key in r.stderr, (override, r.stderr)
+        assert r.returncode == 2 and message in r.stderr, (override, r.stderr)
+        assert squeue_ids() == before, override
     r = submit("--method", "mae", "--preset", "smoke", "--cluster", "slurm",
                "--set", f"data.root={tmp_path / 'nowhere'}", "--set", f"runs_root={tmp_path}")
     assert r.returncode == 2 and "nowhere/fmnist/train.beton not found" in r.stderr
     assert "data_prep.fashion_mnist" in r.stderr             # says how to make it
     assert squeue_ids() == before
-    assert not any(Path(tmp_path).iterdir())
+    assert [p.name for p in Path(tmp_path).iterdir()] == ["a_file"]     # nothing created
 
 
 def test_missing_evaluation_dataset_is_named_before_anything_is_queued(tmp_path, slurm_cluster, data_root):

@@ -42,20 +42,25 @@ class StopRequests:
     def __init__(self) -> None:
         self.received: str | None = None
         self.cooperative = False
+        self.pid = 0
 
     def install(self) -> None:
         """Handle SIGUSR2 and SIGTERM in this process (main thread only)."""
+        self.pid = os.getpid()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self.pid:      # a forked child (DataLoader worker) inherited the
+            return                       # handler; SLURM signals it too. Its parent decides.
         name = signal.Signals(signum).name
         then = "stopping after the current step" if self.cooperative else "stopping now"
         # os.write: print() from a handler can hit "reentrant call" inside a buffered write
         os.write(2, f"[preemption] {name} received at {time.strftime('%H:%M:%S')}; {then}\n".encode())
+        first = self.received is None
         self.received = self.received or name
-        if not self.cooperative:
-            raise Preempted(name)
+        if first and not self.cooperative:       # a second signal (e.g. the SIGTERM of our own
+            raise Preempted(name)                # requeue) must not interrupt the clean-up
 
     @contextmanager
     def polled(self) -> Iterator["StopRequests"]:

@@ -42,7 +42,8 @@ def main(run_dir: str) -> dict[str, float]:
     if detect().is_main:
         tracking = run.read_tracking()
         logger = MLflowLogger(tracking["uri"], tracking["run_id"],
-                              spool=run.spool / f"{tracking['run_id']}.jsonl")
+                              spool=run.spool / f"{tracking['run_id']}.jsonl",
+                              retry_s=cfg.tracking.retry_s)
         logger.start()
         logger.set_tags({"restarts": count_start(run)})
     try:

@@ -60,7 +60,7 @@ class Trainer:
         self.device = torch.device("cuda", self.env.local_rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-        ds.init_distributed(self.env, self.device)
+        ds.init_distributed(self.env, self.device, cfg.cluster.rendezvous_timeout_s)
         seed = cfg.train.seed * 1000 + self.env.rank   # masks differ between ranks
         torch.manual_seed(seed)
         np.random.seed(seed)
@@ -138,10 +138,11 @@ class Trainer:
                 self.after_step(step)
                 signal_name, finite = self.agree(math.isfinite(terms["loss"]))
                 if not finite:                   # before any save: the last checkpoint stays good
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step} (epoch {epoch}); terms on rank "
-                        f"{self.env.rank}: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
-                        + f"; the last good checkpoint is {self.ckpt.latest()}")
+                    message = (f"non-finite loss at step {step} (epoch {epoch}); terms on rank "
+                               f"{self.env.rank}: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+                               + f"; the last good checkpoint is {self.ckpt.latest()}")
+                    self.log(f"STOPPED: {message}")
+                    raise FloatingPointError(message)
                 for name, value in terms.items():
                     sums[name] += value
                 terms.clear()
@@ -207,9 +208,9 @@ class Trainer:
             ds.save_checkpoint(self.engine, folder, tag, state)
             torch.save(rng_state(), folder / tag / f"rng_rank{self.env.rank}.pt")
 
+        if self.logger:      # first: a published checkpoint implies its steps' metrics were
+            self.logger.flush()  # sent (or spooled); a kill in between only repeats a few steps
         tag = self.ckpt.save(step, save_fn)
-        if self.logger:
-            self.logger.flush()                  # metrics up to a checkpoint are never lost
         self.log(f"checkpoint {tag} (epoch {epoch}, micro-batch {micro})")
 
     def resume(self) -> tuple[int, int, int]:

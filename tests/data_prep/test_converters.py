@@ -62,3 +62,57 @@ def test_image_folder_converter(tmp_path):
     assert manifest["class_counts"] == {"cat": 4, "dog": 4, "emu": 4}
     _, labels = read_back(out["val"], 16, 6)
     assert labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def bad_image_corpus(root: Path) -> dict[str, str | None]:
+    """One class folder of real-world trouble; file name -> expected skip reason (None = kept)."""
+    rng = np.random.default_rng(1)
+    folder = root / "train" / "things"
+    folder.mkdir(parents=True)
+    photo = rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(folder / "good.jpg", quality=95)
+    Image.fromarray(photo).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(photo).convert("L").save(folder / "gray.png")
+    Image.fromarray(photo).convert("P").save(folder / "palette.png")
+    Image.fromarray(np.dstack([photo, np.full((48, 64), 128, np.uint8)])).save(folder / "alpha.png")
+    Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)).save(folder / "sixteen_bit.png")
+    Image.fromarray(np.zeros((3000, 4000, 3), np.uint8)).save(folder / "huge.png")   # 12 MP
+    Image.fromarray(photo[:3, :3]).save(folder / "tiny.png")
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "corrupt.jpg").write_bytes(rng.integers(0, 255, 5000, dtype=np.uint8).tobytes())
+    full = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    return {"good.jpg": None, "cmyk.jpg": None, "gray.png": None, "palette.png": None,
+            "alpha.png": None, "sixteen_bit.png": None, "huge.png": None,
+            "tiny.png": "too small", "zero.jpg": "empty file",
+            "corrupt.jpg": "not an image", "truncated.jpg": "truncated"}
+
+
+def test_bad_image_corpus_converts_with_the_right_skip_list(tmp_path, capsys):
+    expected = bad_image_corpus(tmp_path / "src")
+    out = image_folder.convert(tmp_path / "src", tmp_path / "out", ["train"], 32, "raw", 2,
+                               max_bad_fraction=0.5)
+    manifest = json.loads((tmp_path / "out" / "train.json").read_text())
+    skipped = {Path(s["file"]).name: s["reason"] for s in manifest["skipped"]}
+    assert sorted(skipped) == sorted(k for k, v in expected.items() if v)
+    for name, reason in skipped.items():
+        assert expected[name] in reason, (name, reason)
+    assert manifest["num_files"] == 11 and manifest["num_skipped"] == 4 and manifest["num_samples"] == 7
+    assert num_samples(str(out["train"])) == 7
+    printed = capsys.readouterr().out
+    assert "train: 7 of 11 images converted, 4 skipped" in printed and "skipped train/things/zero.jpg" in printed
+    # the kept ones decode to what they should be (16-bit scaled, not clipped to white)
+    got, _ = read_back(out["train"], 32, 7)
+    order = sorted(k for k, v in expected.items() if v is None)     # files are read sorted
+    sixteen = got[order.index("sixteen_bit.png")]
+    assert abs(int(sixteen.float().mean().round()) - round(40000 / 65535 * 255)) <= 1
+
+
+def test_bad_images_exit_code_follows_the_allowed_fraction(tmp_path):
+    bad_image_corpus(tmp_path / "src")
+    args = ["--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--splits", "train",
+            "--mode", "raw", "--max-resolution", "32", "--workers", "1"]
+    assert image_folder.main(args + ["--max-bad-fraction", "0.5"]) == 0      # 4 of 11 bad
+    assert image_folder.main(args + ["--max-bad-fraction", "0.3"]) == 1
+    assert (tmp_path / "out" / "train.beton").is_file()                     # written anyway
+    assert image_folder.main(args + ["--min-size", "2", "--max-bad-fraction", "0.3"]) == 0   # tiny kept

@@ -1,0 +1,38 @@
+"""Multi-node start-up: the rendezvous address comes from SLURM's node address, and a
+rendezvous that never completes ends with an error naming host and port."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+from test_checkpoint import make_run
+
+
+def test_master_addr_is_the_first_nodes_address_not_its_name(slurm_cluster):
+    code = "from hpc_mim.distributed.env import slurm_master_addr; print(slurm_master_addr())"
+    r = subprocess.run(["srun", "--nodes", "2", "--ntasks-per-node", "1", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["127.0.0.1", "127.0.0.1"]        # NodeAddr of node1, on both ranks
+    try:                                                        # while the name does not resolve
+        socket.gethostbyname("node1")
+        raise AssertionError("node1 resolves here: the test proves nothing")
+    except socket.gaierror:
+        pass
+
+
+def test_rendezvous_timeout_names_host_and_port(tmp_path, data_root):
+    """Rank 1 of 2 waits for a rank 0 that never comes: a clear error after the timeout."""
+    from hpc_mim.distributed.env import free_port
+    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", "cluster.rendezvous_timeout_s=5"])
+    port = free_port()
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "hpc_mim.train.pretrain", "--run-dir", str(run.root)],
+                       capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode != 0
+    assert f"rendezvous failed at 127.0.0.1:{port} (rank 1/2, backend gloo)" in r.stderr, r.stderr[-3000:]
+    assert time.time() - start < 120
