@@ -150,12 +150,13 @@ class Trainer:
                     self.last_metrics = self.log_metrics(sums, window, step, epoch,
                                                          seen / (time.time() - tic))
                     sums, tic, seen, window = defaultdict(float), time.time(), 0, 0
-                periodic = step % self.cfg.checkpoint.every_steps == 0
-                if periodic and done < per_epoch and step < self.total_steps:
-                    self.save(epoch, done, step)     # the save below covers the epoch's end
-                if signal_name and step < self.total_steps:     # at the end: just finish
-                    if not (periodic and done < per_epoch and step < self.total_steps):
-                        self.save(*((epoch + 1, 0) if done >= per_epoch else (epoch, done)), step)
+                at_end = done >= per_epoch       # the save after the loop covers an epoch's end
+                saved = step % self.cfg.checkpoint.every_steps == 0 and not at_end and step < self.total_steps
+                if saved:
+                    self.save(epoch, done, step)
+                if signal_name and step < self.total_steps:     # at the very end: just finish
+                    if not saved:
+                        self.save(*((epoch + 1, 0) if at_end else (epoch, done)), step)
                     self.log(f"{signal_name} at step {step}: checkpoint saved, stopping")
                     raise Preempted(signal_name, step)
             epoch, skip = (epoch + 1, 0) if done >= per_epoch else (epoch, done)
