@@ -13,6 +13,7 @@ starts only after pre-training succeeded (SLURM ``afterok``; locally: run after 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -137,10 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     # The submitting process creates the store first: concurrent creation corrupts sqlite.
     # artifacts next to a local store; a tracking server keeps its own artifact store
     artifacts = run_dir.parent / "mlartifacts" if uri.startswith("sqlite:") else None
-    experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, artifacts)
-    parent = tracking.MLflowLogger.create_run(uri, experiment, cfg.name,
-                                              tags={"method": cfg.method.name, "run_dir": str(run_dir)})
-    parent.log_params(cfg.to_dict())
+    try:      # jobs may buffer through an outage, but the parent run must exist before queueing
+        experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, artifacts)
+        parent = tracking.MLflowLogger.create_run(uri, experiment, cfg.name,
+                                                  tags={"method": cfg.method.name, "run_dir": str(run_dir)})
+        parent.log_params(cfg.to_dict())
+    except Exception as e:  # noqa: BLE001 - connection errors come in many types
+        shutil.rmtree(run_dir)            # created above, holds nothing else yet
+        print(f"error: tracking.uri: cannot create the MLflow run at {uri} "
+              f"({type(e).__name__}: {str(e)[:300]}); nothing was queued", file=sys.stderr)
+        return 2
     run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": parent.run_id})
     print(f"run dir:     {run_dir}\nmlflow run:  {parent.run_id} ({uri})")
     print(format_plan(plan))

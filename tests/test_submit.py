@@ -31,6 +31,7 @@ def test_bad_config_fails_before_anything_is_queued(tmp_path, slurm_cluster, dat
         "evals=[knn, segmentaton]": "segmentaton",
         "runs_root=/proc/hpc_mim_runs": "runs_root: /proc/hpc_mim_runs is not writable",
         f"runs_root={tmp_path / 'a_file' / 'runs'}": "is not a folder",
+        "tracking.uri=http://127.0.0.1:9": "tracking.uri: cannot create the MLflow run at http://127.0.0.1:9",
     }
     (tmp_path / "a_file").write_text("")
     for override, message in cases.items():
