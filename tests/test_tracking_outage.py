@@ -123,3 +123,34 @@ def test_sync_sends_what_a_job_left_in_the_spool(tmp_path, data_root, server):
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 6)]
     again = subprocess.run(sync, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "nothing buffered" in again.stdout
+
+
+def test_a_stop_signal_during_a_tracking_call_is_not_taken_for_an_outage(tmp_path):
+    """An evaluation is stopped by raising Preempted from the signal handler, wherever it is.
+    When USR2 lands while the logger talks to the store, the stop must reach the job (which
+    then requeues itself), not be caught as "server unreachable" and spooled while the
+    evaluation carries on to its end."""
+    from hpc_mim import tracking
+    from hpc_mim.distributed.preemption import STOP, Preempted
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.MLflowLogger.create_run(uri, tracking.ensure_experiment(uri, "stop"), "eval").run_id
+    logger = tracking.MLflowLogger(uri, run_id, flush_every=1, spool=tmp_path / "spool.jsonl")
+    send = logger.client.log_batch
+
+    def log_batch_when_the_signal_lands(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR2)      # the handler runs before the next bytecode
+        return send(*args, **kwargs)
+
+    logger.client.log_batch = log_batch_when_the_signal_lands
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    STOP.received = None
+    STOP.install()
+    try:
+        with pytest.raises(Preempted, match="SIGUSR2"):
+            logger.log_metrics({"miou": 0.5}, step=1)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        STOP.received = None
+    assert logger.pending() == 0 and not (tmp_path / "spool.jsonl").exists()

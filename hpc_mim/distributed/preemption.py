@@ -29,8 +29,13 @@ from typing import Iterator
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
-class Preempted(Exception):
-    """The job stopped on a scheduler signal (after checkpointing, if it could)."""
+class Preempted(BaseException):
+    """The job stopped on a scheduler signal (after checkpointing, if it could).
+
+    A BaseException, like KeyboardInterrupt: raised from the signal handler at any point of an
+    evaluation, it must not be swallowed by an ``except Exception`` on its way up (the tracking
+    spool's "server unreachable" handler would otherwise take it for an outage and the job
+    would carry on to the end instead of requeueing)."""
 
     def __init__(self, signal_name: str, step: int | None = None) -> None:
         at = f" at step {step} (checkpoint saved)" if step is not None else ""
