@@ -4,7 +4,7 @@ stock RandomResizedCrop + flip decoder, and a torchvision PIL DataLoader.
 All read the same Fashion-MNIST training images and produce the same batches (random resized
 crop + flip + normalise, float (B, 3, S, S)); no model runs. Prints img/s per epoch and writes
 JSON. FFCV's first epoch includes its numba compilation. The stock decoder shows what the
-per-sample reseeding of hpc_mim/data/seeded_crop.py (exact resume) costs.
+per-sample reseeding of hpc_mim/data/ffcv_io.py's SeededRandomResizedCrop (exact resume) costs.
 
     python benchmarks/loader_throughput.py --beton data/fmnist/train.beton --images 20000 --out runs/bench_loader.json
 """
@@ -17,9 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -47,15 +44,6 @@ class PILImages(Dataset):
         return self.tf(Image.fromarray(self.images[i]).convert("RGB")), int(self.labels[i])
 
 
-def stock_ffcv(path: str, batch: int, size: int, images: int, workers: int) -> Loader:
-    """FFCV's own decoder and flip (each numba thread draws from its own random state)."""
-    image = [RandomResizedCropRGBImageDecoder((size, size), scale=(0.2, 1.0)), RandomHorizontalFlip(),
-             NormalizeImage(np.array(MEAN) * 255, np.array(STD) * 255, np.float32), ToTensor(), ToTorchImage()]
-    return Loader(path, batch_size=batch, num_workers=workers, order=OrderOption.RANDOM, drop_last=True,
-                  seed=0, indices=np.arange(images), os_cache=True,
-                  pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]})
-
-
 def timed_epochs(batches, epochs: int) -> list[float]:
     rates = []
     for epoch in range(epochs):
@@ -80,8 +68,9 @@ def main() -> int:
     ffcv = build_loader(args.beton, args.batch_size, args.size, MEAN, STD, train=True,
                         num_workers=args.workers, max_samples=args.images)
     ffcv_rates = timed_epochs(lambda e: (b["image"] for b in iterate(ffcv, e)), args.epochs)
-    stock = stock_ffcv(args.beton, args.batch_size, args.size, args.images, args.workers)
-    stock_rates = timed_epochs(lambda e: (x for x, _ in stock), args.epochs)
+    stock = build_loader(args.beton, args.batch_size, args.size, MEAN, STD, train=True,
+                         num_workers=args.workers, max_samples=args.images, crop="stock")
+    stock_rates = timed_epochs(lambda e: (b["image"] for b in iterate(stock, e)), args.epochs)
 
     images, labels = load_split(Path(DEFAULT_SOURCE), "train")
     pil = DataLoader(PILImages(images[:args.images], labels[:args.images], args.size),

@@ -4,8 +4,17 @@ Loaders yield ``{"image": float (B, 3, S, S) normalised, "label": long (B,)}``, 
 normalised view per name in ``extra_views`` (hpc_mim/data/views.py): the same images decoded
 again with their own crop and flip, then that view's recipe. Sample order is a pure function of
 (seed, epoch) (FFCV's RANDOM order; DistributedSampler semantics when distributed), and so is
-every crop and flip (seeded_crop.py): resuming by (epoch, micro-batch) sees exactly the batches
-an uninterrupted run would have seen.
+every crop and flip (SeededRandomResizedCrop): resuming by (epoch, micro-batch) sees exactly the
+batches an uninterrupted run would have seen.
+
+Why: FFCV's ``RandomResizedCropRGBImageDecoder`` and ``RandomHorizontalFlip`` draw from the
+random state of whichever numba thread decodes a sample, so a sample's crop depends on thread
+scheduling and on how many batches were decoded before it. A resumed run (which starts
+mid-epoch) would then train on other crops than the uninterrupted run, and the final weights
+would differ. Here every sample reseeds the random state of the thread decoding it (numba keeps
+one per thread) from its key before drawing, so crops and flips are the same with or without
+JIT, with any number of workers, and after a resume. The epoch is read once per batch from
+Python (``objmode``), so a new epoch needs no recompilation.
 
 Pitfall (libffcv/ffcv#396): on CPU, putting NormalizeImage after ToTensor/ToTorchImage makes the
 loader spin forever in ``Graph.group_operations``, so every JIT op stays before ``ToTensor``.
@@ -13,26 +22,129 @@ Set ``HPC_MIM_FFCV_JIT=0`` to skip numba compilation (10-20 s per loader; useful
 """
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Any, Iterator, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.reader import Reader
-from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.writer import DatasetWriter
+from numba import objmode
+from numba.core.errors import NumbaWarning
 
-from hpc_mim.data.seeded_crop import SeededRandomResizedCrop, SkippableOrder
 from hpc_mim.data.views import check_views, finish_view
 
 if os.environ.get("HPC_MIM_FFCV_JIT", "1") == "0":
     Compiler.set_enabled(False)
 
+
+# ------------------------------------------------------------------ seeded crops, resumable order
+
+# the objmode block only reads one int per batch; holding the GIL for it is harmless
+warnings.filterwarnings("ignore", message="Code running in object mode", category=NumbaWarning)
+
+_EPOCHS: dict[int, int] = {}          # decoder token -> epoch being decoded
+_TOKENS = itertools.count()
+_PRIME = 4294967291                   # largest prime < 2**32: keeps np.random.seed's range
+
+
+def _epoch_of(token: int) -> int:
+    return _EPOCHS.get(token, 0)
+
+
+def _mix(h: int, x: int) -> int:
+    """One step of a multiplicative hash kept below 2**32 (no int64 overflow under numba, so
+    the JIT and the interpreter give the same seeds)."""
+    return (h * 1000003 + x % _PRIME) % _PRIME
+
+
+def sample_seed(seed: int, epoch: int, stream: int, index: int) -> int:
+    """The seed a sample's crop and flip are drawn from (also used by the tests)."""
+    return _mix(_mix(_mix(_mix(0, seed), epoch), stream), index)
+
+
+class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
+    """RandomResizedCrop (torchvision's parameters: ``scale`` of the area, ``ratio``) then a
+    horizontal flip with p = 0.5 (``flip``), to (H, W, 3) uint8. ``stream`` separates the
+    draws of several views decoded from the same sample."""
+
+    def __init__(self, output_size: tuple[int, int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, seed: int = 0,
+                 stream: int = 0) -> None:
+        super().__init__(output_size)
+        self.scale, self.ratio = np.array(scale, dtype=np.float64), np.array(ratio, dtype=np.float64)
+        self.flip, self.seed, self.stream = flip, int(seed), int(stream)
+        self.token = next(_TOKENS)
+        _EPOCHS[self.token] = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        _EPOCHS[self.token] = int(epoch)
+
+    @property
+    def get_crop_generator(self) -> Callable:
+        return get_random_crop
+
+    def generate_code(self) -> Callable:
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
+        get_crop_c, mix = Compiler.compile(get_random_crop), Compiler.compile(_mix)
+        scale, ratio, flip, token, stream = self.scale, self.ratio, self.flip, self.token, self.stream
+        base = _mix(0, self.seed)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            with objmode(epoch="int64"):
+                epoch = _epoch_of(token)
+            key = mix(mix(base, epoch), stream)
+            for k in my_range(len(batch_indices)):
+                source_ix = batch_indices[k]
+                np.random.seed(mix(key, np.int64(source_ix)))    # this thread, this sample
+                field = metadata[source_ix]
+                data = mem_read(field["data_ptr"], storage_state)
+                height, width = np.uint32(field["height"]), np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    image = temp_storage[k]
+                    imdecode_c(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = data.reshape(height, width, 3)
+                i, j, h, w = get_crop_c(height, width, scale, ratio)
+                resize_crop_c(image, i, i + h, j, j + w, destination[k])
+                if flip and np.random.rand() < 0.5:
+                    destination[k] = destination[k][:, ::-1].copy()
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+class SkippableOrder:
+    """Wraps a loader's traversal order: the next epoch starts ``skip`` samples in (whole
+    batches of this rank), so a resumed run neither decodes nor sees the batches already done."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.skip = 0
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        order = self.inner.sample_order(epoch)
+        skip, self.skip = self.skip, 0            # applies to one epoch only
+        return order[skip:]
+
+
+# ------------------------------------------------------------------ writing and loading
 
 def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode: str = "raw",
                 jpeg_quality: int = 90, num_workers: int = 2) -> None:
@@ -50,9 +162,9 @@ def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode
     writer.from_indexed_dataset(dataset, chunksize=256)
 
 
-def _image_pipeline(decoder, mean: Sequence[float], std: Sequence[float],
+def _image_pipeline(decoder, flips: list, mean: Sequence[float], std: Sequence[float],
                     device: torch.device) -> list:
-    ops = [decoder, NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32),
+    ops = [decoder, *flips, NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32),
             ToTensor()]
     if device.type == "cuda":
         ops.append(ToDevice(device, non_blocking=True))
@@ -64,14 +176,22 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
                  crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True,
                  eval_crop_ratio: float = 1.0, num_workers: int = 2, distributed: bool = False,
                  max_samples: int = 0, device: torch.device | str = "cpu",
-                 extra_views: Sequence[str] = ()) -> Loader:
+                 extra_views: Sequence[str] = (), crop: str = "seeded") -> Loader:
     """A train loader (random order, RandomResizedCrop + flip, drop_last) or an eval loader
-    (sequential, center crop). ``distributed`` shards with torch.distributed's rank/world."""
+    (sequential, center crop). ``distributed`` shards with torch.distributed's rank/world.
+    ``crop="stock"``: FFCV's own crop and flip decoders instead of the seeded ones (not exactly
+    resumable; benchmarks/loader_throughput.py measures what the seeding costs)."""
     check_views(extra_views)
+    if crop not in ("seeded", "stock") or (crop == "stock" and extra_views):
+        raise ValueError(f"crop={crop!r}: 'seeded', or 'stock' without extra views")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path} (convert it with data_prep/)")
     device = torch.device(device)
-    if train:      # stream 0; extra views 1, 2, ...: independent crops of the same sample
+    flips = []
+    if train and crop == "stock":
+        decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(crop_scale))
+        flips = [RandomHorizontalFlip()] if hflip else []
+    elif train:    # stream 0; extra views 1, 2, ...: independent crops of the same sample
         decoder = SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip, seed=seed)
     else:
         decoder = CenterCropRGBImageDecoder((img_size, img_size), ratio=eval_crop_ratio)
@@ -81,8 +201,8 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
     indices = None
     if max_samples:
         indices = np.arange(min(max_samples, num_samples(path)))
-    pipelines = {"image": _image_pipeline(decoder, mean, std, device), "label": label_ops}
-    decoders = [decoder] if train else []
+    pipelines = {"image": _image_pipeline(decoder, flips, mean, std, device), "label": label_ops}
+    decoders = [decoder] if train and crop == "seeded" else []
     for stream, name in enumerate(extra_views, start=1):   # the same field decoded again
         decoders.append(SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip,
                                                 seed=seed, stream=stream))
