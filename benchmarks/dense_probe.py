@@ -31,16 +31,17 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_prep.fashion_mnist import DEFAULT_SOURCE, load_split  # noqa: E402
 from evaluation.common import encoder_for, load_run  # noqa: E402
-from hpc_mim.data.dense import ADE20K  # noqa: E402
+from evaluation.segmentation import confusion_matrix, segmentation_metrics  # noqa: E402
+from hpc_mim.data.dense import ADE20K, IGNORE  # noqa: E402
 
-IGNORE = -1
 THRESHOLD = 48                    # an item's pixels, as in data_prep.scenes
 
 
 def token_labels(pixel_labels: torch.Tensor, patch: int, num_classes: int) -> torch.Tensor:
-    """(N, H, W) labels in [0, K) or 255 -> (N * gh * gw,) majority label per patch (-1: ignore)."""
+    """(N, H, W) labels in [0, K) or 255 -> (N * gh * gw,) majority label per patch (IGNORE when
+    most of the patch is unlabelled)."""
     y = pixel_labels.long().clone()
-    y[y == 255] = num_classes
+    y[y == IGNORE] = num_classes
     votes = F.avg_pool2d(F.one_hot(y, num_classes + 1).permute(0, 3, 1, 2).float(), patch)
     out = votes.argmax(1)
     out[out == num_classes] = IGNORE
@@ -107,14 +108,6 @@ def probe(f_fit: torch.Tensor, y_fit: torch.Tensor, f_test: torch.Tensor, classe
         return linear((f_test - mu) / sd).argmax(1)
 
 
-def token_miou(pred: torch.Tensor, target: torch.Tensor, classes: int) -> float:
-    keep = target != IGNORE
-    pred, target = pred[keep], target[keep]
-    ious = [((pred == c) & (target == c)).sum() / ((pred == c) | (target == c)).sum()
-            for c in range(classes) if ((pred == c) | (target == c)).any()]
-    return 100 * torch.stack(ious).mean().item()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True)
@@ -139,7 +132,7 @@ def main() -> None:
         row = {"probe": f"items, {canvas} px canvas, {where}"}
         for name, enc in encoders.items():
             pred = probe(tokens(enc, fit[0]), y_fit, tokens(enc, test[0]), 11)
-            on_item = y_test > 0
+            on_item = (y_test > 0) & (y_test != IGNORE)
             row[name] = 100 * (pred[on_item] == y_test[on_item]).float().mean().item()
         results.append(row)
         print(f"{row['probe']:<40} item-token acc: pretrained {row['pretrained']:.1f}  "
@@ -151,9 +144,8 @@ def main() -> None:
     row = {"probe": f"scenes, {args.crop} px crops"}
     for name, enc in encoders.items():
         pred = probe(tokens(enc, fit[0]), y_fit, tokens(enc, test[0]), k)
-        keep = y_test != IGNORE
-        row[name] = token_miou(pred, y_test, k)
-        row[f"{name}_acc"] = 100 * (pred[keep] == y_test[keep]).float().mean().item()
+        metrics = segmentation_metrics(confusion_matrix(pred, y_test, k))   # the evaluation's metrics
+        row[name], row[f"{name}_acc"] = metrics["miou"], metrics["pixel_acc"]
     results.append(row)
     print(f"{row['probe']:<40} token mIoU: pretrained {row['pretrained']:.1f}  "
           f"random init {row['random_init']:.1f}", flush=True)
