@@ -180,8 +180,11 @@ def test_slurm_nan_loss_stops_keeps_last_good_checkpoint_and_no_evaluation_start
     assert latest == "step_00000002"
     assert consolidated_state_dict(run_dir / "checkpoints", latest)   # loads
     for name in ("knn", "linear_probe"):
-        info = scontrol(ids[name])
-        assert info["JobState"] == "PENDING" and info["Reason"] == "DependencyNeverSatisfied"
+        # slurmctld marks a dependency unsatisfiable on its next scheduling pass, not at once
+        deadline = time.time() + 120
+        while (info := scontrol(ids[name]))["Reason"] == "Dependency" and time.time() < deadline:
+            time.sleep(2)
+        assert info["JobState"] == "PENDING" and info["Reason"] == "DependencyNeverSatisfied", info
         subprocess.run(["scancel", ids[name]], check=True)
 
     tracking = json.loads((run_dir / "tracking.json").read_text())
