@@ -3,6 +3,7 @@
 PY := .venv/bin/python
 METHOD ?= mae
 PRESET ?= fmnist_tiny
+ARGS ?=
 
 .PHONY: setup data demo test slurm-start slurm-stop clean
 
@@ -15,7 +16,7 @@ data: setup
 		$(PY) -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500
 
 demo: data
-	bash scripts/demo.sh $(METHOD) $(PRESET)
+	bash scripts/demo.sh $(METHOD) $(PRESET) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,12 +1,13 @@
 """Object detection / instance segmentation transfer: ViTDet (Li et al. arXiv 2203.16527).
 
 The last block's map is rescaled by ``scale_factors`` (ViTDet's x4, x2, x1, x0.5: strides 4-32
-for ViT-B/16) plus a pooled level by the simple feature pyramid (evaluation/dense_heads.py), and and feeds torchvision's Mask R-CNN, or Faster R-CNN when
-the annotations have no masks. Images are resized so the longest side is ``image_size``
-(torchvision's transform, which also normalises and pads batches to a multiple of 32; the
-encoder resamples its position embedding to the padded size). Training: flips, AdamW (0.9,
-0.999) with layer-wise lr decay, linear warmup, lr x0.1 at 88.9% and 96.3% of the steps (ViTDet's
-schedule, timm's MultiStepLRScheduler). Metrics: COCO box AP / AP50 / AP75 and mask AP from
+for ViT-B/16) plus a pooled level by the simple feature pyramid (evaluation/dense_heads.py), and
+the pyramid feeds torchvision's Mask R-CNN, or Faster R-CNN when the annotations have no masks.
+Images are resized so the longest side is ``image_size`` (torchvision's transform, which also
+normalises and pads batches to a multiple of 32; the encoder evaluates its sin-cos position
+embedding on the padded grid). Training: flips, AdamW (0.9, 0.999) with layer-wise lr decay,
+linear warmup, lr x0.1 at 88.9% and 96.3% of the steps (ViTDet's schedule, timm's
+MultiStepLRScheduler). Metrics: COCO box AP / AP50 / AP75 and mask AP from
 pycocotools. Not reproduced: large-scale jitter and ViTDet's windowed attention (the encoder
 runs global attention in every block, as pre-trained).
 
