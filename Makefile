@@ -5,7 +5,7 @@ METHOD ?= mae
 PRESET ?= fmnist_tiny
 ARGS ?=
 
-.PHONY: setup data demo test slurm-start slurm-stop clean
+.PHONY: setup data demo test check-paper-scale gpu-check slurm-start slurm-stop clean
 
 setup:
 	bash scripts/setup.sh
@@ -19,7 +19,18 @@ demo: data
 	bash scripts/demo.sh $(METHOD) $(PRESET) $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
+
+# every paper recipe and evaluation protocol at its real shapes, on CPU through the local SLURM
+# cluster (~1 h on 2 cores; not part of `make test`)
+check-paper-scale: setup
+	bash scripts/local_slurm.sh start 2
+	$(PY) benchmarks/paper_scale.py --out runs/paper_scale $(ARGS)
+
+# on one GPU node: NCCL, bf16 steps and exact resume per method, the evaluations, MAE ViT-B/16
+# throughput and MFU (under 10 min; skips with a reason without CUDA)
+gpu-check: setup
+	bash scripts/gpu_check.sh $(ARGS)
 
 slurm-start: setup
 	bash scripts/local_slurm.sh start 2

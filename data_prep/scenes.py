@@ -36,39 +36,44 @@ ADE_SPLITS = {"train": "training", "val": "validation"}
 MIN_VISIBLE_PIXELS = 16          # a mostly hidden item is not an instance (COCO drops tiny ones too)
 
 
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """(size, size) float in [0, 255]: a flat grey, or low-frequency noise, or stripes."""
+def background(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
+    """(h, w) float in [0, 255] (``size``: a side or (h, w)): a flat grey, or low-frequency
+    noise, or stripes."""
+    h, w = (size, size) if isinstance(size, int) else size
     kind = rng.integers(3)
     level = rng.uniform(0, 90)
     if kind == 0:
-        return np.full((size, size), level)
+        return np.full((h, w), level)
     if kind == 1:
-        coarse = rng.uniform(-40, 40, (size // 8 + 1, size // 8 + 1)).astype(np.float32)
-        return np.clip(level + cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC), 0, 255)
+        coarse = rng.uniform(-40, 40, (h // 8 + 1, w // 8 + 1)).astype(np.float32)
+        return np.clip(level + cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), 0, 255)
     period, angle = rng.uniform(4, 12), rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[:size, :size]
+    yy, xx = np.mgrid[:h, :w]
     wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period)
     return np.clip(level + 25 * wave, 0, 255)
 
 
-def compose(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, size: int,
-            threshold: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
-    """One scene: RGB image (size, size, 3) uint8, semantic map (size, size) uint8 in the ADE20K
-    convention, and [(class, visible mask (size, size) bool)] per item, front items last."""
-    canvas = background(rng, size)
-    semantic = np.ones((size, size), np.uint8)                  # 1 = background
+def compose(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray,
+            size: int | tuple[int, int], threshold: int, item_px: tuple[int, int] = (18, 40),
+            ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
+    """One scene: RGB image (h, w, 3) uint8, semantic map (h, w) uint8 in the ADE20K
+    convention, and [(class, visible mask (h, w) bool)] per item, front items last.
+    ``size``: a side or (h, w); items are rescaled to ``item_px`` pixels a side."""
+    h, w = (size, size) if isinstance(size, int) else size
+    canvas = background(rng, (h, w))
+    semantic = np.ones((h, w), np.uint8)                        # 1 = background
     masks: list[tuple[int, np.ndarray]] = []
     for _ in range(rng.integers(2, 5)):
         i = rng.integers(len(items))
-        side = int(rng.integers(18, min(40, size) + 1))
+        side = int(rng.integers(item_px[0], min(item_px[1], h, w) + 1))
         item = np.asarray(Image.fromarray(items[i]).resize((side, side), Image.BILINEAR), np.float32)
-        y, x = rng.integers(0, size - side + 1, 2)
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         alpha = np.clip(item / threshold, 0, 1)                # opaque inside, soft at the rim
         window = (slice(y, y + side), slice(x, x + side))
         canvas[window] = canvas[window] * (1 - alpha) + item * alpha
-        full = np.zeros((size, size), bool)
+        full = np.zeros((h, w), bool)
         full[window] = item >= threshold
-        rim = np.zeros((size, size), bool)
+        rim = np.zeros((h, w), bool)
         rim[window] = (item > threshold / 4) & ~full[window]
         semantic[rim] = 0
         semantic[full] = labels[i] + 2
@@ -98,8 +103,10 @@ def instance(ann_id: int, image_id: int, cls: int, mask: np.ndarray) -> dict | N
 
 
 def write_split(out: Path, split: str, count: int, items: np.ndarray, labels: np.ndarray,
-                size: int, threshold: int, seed: int) -> dict:
-    """Write ``count`` scenes of one split in both formats; returns COCO's dict."""
+                size: int | list[tuple[int, int]], threshold: int, seed: int,
+                item_px: tuple[int, int] = (18, 40), classes: list[str] = CLASSES) -> dict:
+    """Write ``count`` scenes of one split in both formats; returns COCO's dict. ``size``: one
+    side, or a list of (h, w) taken in turn (varied shapes, as in the real sets)."""
     ade_images = out / "ade20k" / "images" / ADE_SPLITS[split]
     ade_labels = out / "ade20k" / "annotations" / ADE_SPLITS[split]
     coco_images = out / "coco" / f"{split}2017"
@@ -108,15 +115,17 @@ def write_split(out: Path, split: str, count: int, items: np.ndarray, labels: np
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     coco = {"info": {"description": f"Fashion-MNIST scenes ({split})", "version": "1.0"},
             "licenses": [], "images": [], "annotations": [],
-            "categories": [{"id": c + 1, "name": n, "supercategory": "fashion"}
-                           for c, n in enumerate(CLASSES)]}
+            "categories": [{"id": c + 1, "name": n, "supercategory": "object"}
+                           for c, n in enumerate(classes)]}
+    shapes = [(size, size)] if isinstance(size, int) else list(size)
     for image_id in range(1, count + 1):
-        image, semantic, masks = compose(rng, items, labels, size, threshold)
+        h, w = shapes[(image_id - 1) % len(shapes)]
+        image, semantic, masks = compose(rng, items, labels, (h, w), threshold, item_px)
         Image.fromarray(image).save(ade_images / f"scene_{image_id:08d}.jpg", quality=95)
         Image.fromarray(semantic).save(ade_labels / f"scene_{image_id:08d}.png")
         name = f"{image_id:012d}.jpg"
         Image.fromarray(image).save(coco_images / name, quality=95)
-        coco["images"].append({"id": image_id, "file_name": name, "height": size, "width": size})
+        coco["images"].append({"id": image_id, "file_name": name, "height": h, "width": w})
         for cls, mask in masks:
             ann = instance(len(coco["annotations"]) + 1, image_id, cls, mask)
             if ann is not None:

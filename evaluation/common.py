@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpc_mim.config import Config, load_config, read_config
 from hpc_mim.data.ffcv_io import build_loader, iterate
+from hpc_mim.distributed.env import detect, training_device
 from hpc_mim.distributed.preemption import Preempted
 from hpc_mim.models import build_encoder, load_encoder
 from hpc_mim.rundir import RunDir
@@ -45,7 +46,8 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This process's GPU (its own one under one-GPU-per-task binding too), else the CPU."""
+    return training_device(detect())
 
 
 def load_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunDir, Config]:
@@ -180,12 +182,15 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
 
 def frozen(compute: Callable[..., dict[str, float]]) -> Body:
     """A body for frozen-feature evaluations: features of every encoder from one pass over the
-    data, then ``compute(train_f, train_y, val_f, val_y, num_classes, section)`` per encoder."""
+    data, then ``compute(train_f, train_y, val_f, val_y, num_classes, section)`` per encoder,
+    on the job's device (the kNN similarity matrix and the probe's training are GPU work)."""
     def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
-        s = ctx.section
+        s, dev = ctx.section, device()
         feats = split_features(ctx.run, ctx.cfg, ctx.baselines, ctx.info, s.pooling, s.max_train_samples)
         for b in ctx.baselines:
-            yield b, compute(*feats[b], s)
+            train_f, train_y, val_f, val_y, num_classes = feats[b]
+            yield b, compute(train_f.to(dev), train_y.to(dev), val_f.to(dev), val_y.to(dev),
+                             num_classes, s)
     return body
 
 
@@ -229,7 +234,8 @@ def fit(model: torch.nn.Module, loader: DataLoader, steps: int, opt: torch.optim
         logger: MLflowLogger, tag: str) -> float:
     """``steps`` iterations (the dense benchmarks count iterations, not epochs) over ``loader``,
     reshuffled at each pass; ``step_loss(model, batch)`` returns the loss terms, whose sum is
-    minimised. Progress printed and logged 20 times. Returns the last loss."""
+    minimised. Progress printed and logged 20 times, the only times the device is waited for.
+    Returns the last loss."""
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     every, start, total = max(1, steps // 20), time.time(), float("nan")
     model.train()
@@ -240,8 +246,8 @@ def fit(model: torch.nn.Module, loader: DataLoader, steps: int, opt: torch.optim
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total = loss.item()
         if (step + 1) % every == 0 or step + 1 == steps:
+            total = loss.item()
             rate = (step + 1) * loader.batch_size / (time.time() - start)
             shown = {k: v.item() for k, v in terms.items()} if len(terms) > 1 else {}  # a lone term = loss
             parts = "".join(f" {k} {v:.3f}" for k, v in shown.items())

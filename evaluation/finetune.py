@@ -7,6 +7,8 @@ Data: RandomResizedCrop (0.08-1) + flip (FFCV), RandAugment (n, m), random erasi
 mixup / cutmix with label smoothing (timm's Mixup + SoftTargetCrossEntropy). Optimiser: AdamW
 (0.9, 0.999), layer-wise lr decay (timm), lr = blr * batch / 256, linear warmup then cosine to
 ``min_lr`` (timm, per step). Metrics: top-1 / top-5 on the centre-cropped validation split.
+``precision: bf16`` is autocast as in pre-training (hpc_mim/distributed/deepspeed.py): fp32
+weights, bf16 matmuls, fp32 loss.
 
     python -m evaluation.finetune --run-dir runs/<name> [--dataset cub] [--set KEY=VALUE] [--baseline random_init]
 """
@@ -63,7 +65,7 @@ def accuracy(model: nn.Module, loader) -> dict[str, float]:
 def finetune(model: Classifier, ctx: EvalContext, logger: MLflowLogger) -> dict[str, float]:
     s, info, cfg = ctx.section, ctx.info, ctx.cfg
     env, dev = detect(), device()
-    ds.init_distributed(env, dev, cfg.cluster.rendezvous_timeout_s)
+    ds.init_distributed(env, dev, cfg.cluster.rendezvous_timeout_s, cfg.cluster.collective_timeout_s)
     img_size = model.encoder.config["img_size"]
     loader = build_loader(info["train"], s.micro_batch_size, img_size, info["mean"], info["std"],
                           train=True, seed=cfg.train.seed, crop_scale=(0.08, 1.0), hflip=True,
@@ -98,7 +100,7 @@ def finetune(model: Classifier, ctx: EvalContext, logger: MLflowLogger) -> dict[
             x, y = mixup(x, y) if mixup else (x, y)
             if i % accum == 0:
                 sched.step_update(step)
-            loss = criterion(engine(x), y)
+            loss = criterion(engine(x).float(), y)       # bf16 logits under autocast: fp32 loss
             engine.backward(loss)
             engine.step()
             if (i + 1) % accum == 0:
@@ -113,7 +115,8 @@ def finetune(model: Classifier, ctx: EvalContext, logger: MLflowLogger) -> dict[
     val = build_loader(info["val"], cfg.eval.batch_size, img_size, info["mean"], info["std"], train=False,
                        eval_crop_ratio=info.get("eval_crop_ratio", 1.0),
                        num_workers=cfg.data.num_workers, device=dev)
-    return {**accuracy(engine.module, val), "train_loss": loss.item()}
+    with torch.autocast(dev.type, torch.bfloat16, enabled=s.precision == "bf16"):
+        return {**accuracy(engine.module, val), "train_loss": loss.item()}
 
 
 def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:

@@ -26,7 +26,7 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
         sim = test_f[start:start + chunk] @ train_f.T                     # (b, N) cosine
         top_sim, top_idx = sim.topk(k, dim=1)                             # (b, k)
         weights = (top_sim / temperature).exp()
-        v = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
+        v = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         votes.append(v.scatter_add_(1, train_y[top_idx], weights))
     return torch.cat(votes)
 

@@ -30,7 +30,7 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tenso
     """Train the head on (N, D) features; top-1/top-5 (%) on the validation features."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    head = linear_head(train_f.shape[1], num_classes)
+    head = linear_head(train_f.shape[1], num_classes).to(train_f.device)   # where the features are
     batch = min(lp.batch_size, train_f.shape[0])
     steps_per_epoch = train_f.shape[0] // batch
     total = lp.epochs * steps_per_epoch
@@ -42,7 +42,7 @@ def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tenso
     step = 0
     for _ in range(lp.epochs):
         head.train()
-        order = torch.randperm(train_f.shape[0], generator=g)
+        order = torch.randperm(train_f.shape[0], generator=g).to(train_f.device)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
             sched.step_update(step)

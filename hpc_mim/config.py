@@ -208,12 +208,14 @@ class ClusterConfig:
     eval_time_min: int = 60
     max_restarts: int = 20              # requeues after preemption / time limit / killed tasks
     rendezvous_timeout_s: int = 300     # all ranks must have joined by then, else a clear error
+    collective_timeout_s: int = 1800    # how long a collective waits for the slowest rank
 
     def validate(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "eval_time_min"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", "must be >= 1")
         _check(self.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
         _check(self.rendezvous_timeout_s >= 1, "cluster.rendezvous_timeout_s", "must be >= 1")
+        _check(self.collective_timeout_s >= 1, "cluster.collective_timeout_s", "must be >= 1")
 
 
 @dataclass

@@ -86,7 +86,7 @@ class FinetuneConfig:
     randaug_magnitude: int = 9
     reprob: float = 0.25                # random erasing probability
     pooling: str = "mean"               # MAE fine-tunes on the average of the patch tokens
-    precision: str = "fp32"
+    precision: str = "bf16"             # MAE fine-tunes with AMP; bf16 = autocast, fp32 weights
     zero_stage: int = 2
     clip_grad: float = 0.0
     max_train_samples: int = 0

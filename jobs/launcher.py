@@ -39,9 +39,18 @@ def write_status(path: Path, state: str, **fields: Any) -> None:
     atomic_write_text(Path(path), json.dumps(record, indent=2))
 
 
+def usage(start: float) -> dict[str, float]:
+    """This task's wall time since ``start`` and its peak resident memory so far."""
+    import resource
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss        # KiB on Linux
+    return {"seconds": round(time.time() - start, 1), "peak_rss_mb": round(rss_kb / 1024, 1)}
+
+
 def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None,
               max_restarts: int = 0) -> Any:
-    """Job body: export rank/world/rendezvous, call ``entry``, record how it ended (rank 0)."""
+    """Job body: export rank/world/rendezvous, call ``entry``, record how it ended (rank 0),
+    with the task's wall time and peak RSS."""
+    start = time.time()
     from hpc_mim.distributed.env import DistEnv, port_for_job, slurm_master_addr
     from hpc_mim.distributed.preemption import STOP, Preempted, requeue_self
     STOP.install()
@@ -76,10 +85,10 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     except BaseException as e:
         if record:
             write_status(status_file, "FAILED", job_id=job_id, error=f"{type(e).__name__}: {e}"[:2000],
-                         traceback=traceback.format_exc()[-4000:])
+                         traceback=traceback.format_exc()[-4000:], **usage(start))
         raise
     if record:
-        write_status(status_file, "COMPLETED", job_id=job_id)
+        write_status(status_file, "COMPLETED", job_id=job_id, **usage(start))
     return result
 
 

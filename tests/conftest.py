@@ -46,3 +46,42 @@ def submit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def squeue_ids() -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True)
     return out.stdout.split()
+
+
+# ------------------------------------------------------------------ host syncs
+
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+PROJECT_DIRS = tuple(str(REPO / d) + os.sep for d in ("hpc_mim", "evaluation"))
+
+
+class HostSyncs:
+    """Counts the tensor -> host conversions (``.item()``, ``.tolist()``, ``.cpu()``, ``bool(t)``,
+    ``int(t)``, ...) made by project code: on a GPU each one waits for the device to drain.
+    A CPU has no such wait, but the calls are the same ones, so a CPU test can count them.
+    ``sites`` maps "file:line" of the project frame that asked to the number of calls."""
+
+    def __init__(self, patch=setattr) -> None:
+        """``patch``: ``monkeypatch.setattr`` in a test (undone after it), plain ``setattr`` in a
+        child process."""
+        import sys
+        import torch
+        self.sites: dict[str, int] = {}
+        torch_dir = os.path.dirname(torch.__file__) + os.sep
+
+        def wrap(name, original):
+            def counted(tensor, *args, **kwargs):
+                frame = sys._getframe(1)
+                while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+                    frame = frame.f_back          # e.g. Tensor.__format__ -> item()
+                if frame is not None and frame.f_code.co_filename.startswith(PROJECT_DIRS):
+                    site = f"{os.path.relpath(frame.f_code.co_filename, REPO)}:{frame.f_lineno}"
+                    self.sites[site] = self.sites.get(site, 0) + 1
+                return original(tensor, *args, **kwargs)
+            return counted
+
+        for name in SYNC_METHODS:
+            patch(torch.Tensor, name, wrap(name, getattr(torch.Tensor, name)))
+
+    @property
+    def total(self) -> int:
+        return sum(self.sites.values())

@@ -1,12 +1,12 @@
 """Synced BatchNorm over gloo: two ranks with half a batch each behave like one BatchNorm on the
 whole batch (outputs, input gradients, summed weight gradients, running statistics)."""
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hpc_mim.distributed.env import free_port
 from hpc_mim.models.heads import SyncBatchNorm1d, mlp_head
 
 
@@ -30,9 +30,7 @@ def worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_two_ranks_match_one_batchnorm_on_the_whole_batch():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = mp.Manager().dict()
     mp.spawn(worker, args=(port, out), nprocs=2, join=True)
 
@@ -59,3 +57,37 @@ def test_single_process_is_plain_batchnorm_and_heads_have_the_right_shape():
     linears = [m for m in head if isinstance(m, torch.nn.Linear)]
     assert [m.weight.shape for m in linears] == [(16, 6), (16, 16), (6, 16)]
     assert all(m.bias is None for m in linears) and isinstance(head[-1], torch.nn.LayerNorm)
+
+
+# ------------------------------------------------------------------ large means, bf16 inputs
+
+def large_mean_cases() -> dict[str, torch.Tensor]:
+    """(16, 5) inputs whose mean dwarfs their spread: a one-pass E[x^2] - E[x]^2 cancels."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(16, 5, generator=g)
+    return {"fp32 mean 1e3": base + 1e3,             # one-pass: E[x^2] = 1e6, ulp 0.06
+            "bf16 mean 300": (base * 2 + 300).bfloat16()}       # bf16's step at 300 is 2
+
+
+def large_mean_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    for name, x in large_mean_cases().items():
+        bn = SyncBatchNorm1d(5)
+        out[(rank, name)] = (bn(x[rank * 8:(rank + 1) * 8]).detach(), bn.running_var.clone())
+    dist.destroy_process_group()
+
+
+def test_large_mean_and_bf16_inputs_match_fp32_batchnorm():
+    port = free_port()
+    out = mp.Manager().dict()
+    mp.spawn(large_mean_worker, args=(port, out), nprocs=2, join=True)
+    for name, x in large_mean_cases().items():
+        ref = torch.nn.BatchNorm1d(5)
+        y = ref(x.float())                          # fp32 BatchNorm on the very same values
+        got = torch.cat([out[(0, name)][0], out[(1, name)][0]])
+        assert got.dtype == torch.float32, name
+        assert torch.allclose(got, y, atol=1e-3), (name, (got - y).abs().max())
+        assert torch.allclose(out[(0, name)][1], ref.running_var, rtol=1e-3), name
+        # and a single process (or eval mode) takes bf16 inputs too, computing in fp32
+        assert torch.allclose(SyncBatchNorm1d(5)(x), y, atol=1e-3), name

@@ -28,3 +28,39 @@ def test_rand_augment_draws_per_image_and_keeps_the_normalisation():
     changed = [(out[i] - x[i]).abs().max().item() > 1e-3 for i in range(16)]
     differences = {round((out[i] - x[i]).abs().mean().item(), 4) for i in range(16)}
     assert sum(changed) >= 12 and len(differences) > 8         # each image its own ops
+
+
+def test_batched_hue_shift_matches_torchvision_per_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    from hpc_mim.data.views import shift_hue
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, 3, 9, 9, generator=g)
+    x[0] = 0.5                                   # grey: no hue
+    x[1, :, :3] = 1.0                            # ties between channels
+    x[2, 1] = x[2, 0]                            # red == green everywhere
+    shifts = torch.linspace(-0.5, 0.5, 12)
+    expected = torch.stack([TF.adjust_hue(img, float(h)) for img, h in zip(x, shifts)])
+    torch.testing.assert_close(shift_hue(x, shifts), expected, atol=2e-6, rtol=0)
+
+
+def test_batched_blur_matches_torchvision_per_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    from hpc_mim.data.views import gaussian_blur
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 23, 23, generator=g)
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 1.7, 2.0])
+    expected = torch.stack([TF.gaussian_blur(img, [5, 5], [float(s)]) for img, s in zip(x, sigmas)])
+    torch.testing.assert_close(gaussian_blur(x, 5, sigmas), expected, atol=1e-6, rtol=0)
+
+
+def test_strong_color_makes_no_host_sync(monkeypatch):
+    """LUT's second view is built per batch on the training device: no per-sample Python loop
+    fed by .tolist(), no host round trip."""
+    from conftest import HostSyncs
+    torch.manual_seed(0)
+    raw = torch.randint(0, 256, (32, 3, 28, 28), dtype=torch.uint8)
+    syncs = HostSyncs(monkeypatch.setattr)
+    finish_view("strong_color", raw, [0.5] * 3, [0.25] * 3)
+    assert syncs.sites == {}

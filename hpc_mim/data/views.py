@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,31 +23,63 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return TF.rgb_to_grayscale(x, num_output_channels=3)
 
 
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of each image of x (B, 3, H, W) in [0, 1] by its own ``shift`` (B,),
+    in turns (torchvision's ``adjust_hue`` factor, [-0.5, 0.5]). Batched on the device:
+    torchvision takes one Python float per call and kornia's version checks its factor on the
+    host, and a per-image call is a host round trip each (the GPU idles between images)."""
+    v, _ = x.max(dim=1)                                                      # (B, H, W)
+    chroma = v - x.min(dim=1).values
+    sat = torch.where(v > 0, chroma / v.clamp(min=1e-12), torch.zeros_like(v))
+    r, g, b = x.unbind(dim=1)
+    safe = chroma.clamp(min=1e-12)
+    # hue in sixths of a turn, by which channel is the maximum (red wins ties, then green)
+    hue = torch.where(v == r, ((g - b) / safe) % 6,
+                      torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
+    hue = (hue + 6 * shift.view(-1, 1, 1)) % 6                               # rotated, in [0, 6)
+    # back to RGB: channel n (R=5, G=3, B=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = (n + hue.unsqueeze(1)) % 6
+    return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Gaussian blur of each image of x (B, C, H, W) with its own ``sigma`` (B,), a ``kernel``
+    px square window, reflect padding (torchvision's ``gaussian_blur`` per image, batched as
+    one grouped separable convolution)."""
+    b, c, h, w = x.shape
+    offsets = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    k1d = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)               # (B, k)
+    k1d = (k1d / k1d.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)   # (B*C, k)
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, b * c, h, w), [pad, pad, pad, pad], mode="reflect")
+    y = F.conv2d(y, k1d.view(b * c, 1, 1, kernel), groups=b * c)             # along W
+    y = F.conv2d(y, k1d.view(b * c, 1, kernel, 1), groups=b * c)             # along H
+    return y.view(b, c, h, w)
+
+
 def strong_color(x: torch.Tensor) -> torch.Tensor:
     """LUT's view 2 (arXiv 2310.13593) on images in [0, 1], (B, 3, H, W): with p = 0.8 colour
     jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in that order), then exactly
     one of grayscale, solarize (threshold 0.5) or Gaussian blur (sigma U(0.1, 2), kernel ~10%
-    of the side), each sample drawing its own parameters."""
+    of the side), each sample drawing its own parameters. Whole-batch tensor ops only: no
+    host sync, no per-sample Python loop."""
     b, dev = x.shape[0], x.device
     jitter = (torch.rand(b, 1, 1, 1, device=dev) < 0.8).to(x)
     y = x * _per_sample(b, 0.6, 1.4, dev)                                    # brightness
     mean = _grayscale(y).mean(dim=(1, 2, 3), keepdim=True)
     y = (mean + (y - mean) * _per_sample(b, 0.6, 1.4, dev)).clamp(0, 1)      # contrast
     y = (_grayscale(y) + (y - _grayscale(y)) * _per_sample(b, 0.8, 1.2, dev)).clamp(0, 1)
-    hues = torch.empty(b).uniform_(-0.1, 0.1).tolist()
-    y = torch.stack([TF.adjust_hue(img, h) for img, h in zip(y, hues)])     # hue: per sample
+    y = shift_hue(y, torch.empty(b, device=dev).uniform_(-0.1, 0.1))         # hue
     x = jitter * y + (1 - jitter) * x
 
     choice = torch.randint(0, 3, (b,), device=dev).view(b, 1, 1, 1)
+    kernel = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)
+    blurred = gaussian_blur(x, kernel, torch.empty(b, device=dev).uniform_(0.1, 2.0))
     x = torch.where(choice == 0, _grayscale(x), x)
     x = torch.where(choice == 1, TF.solarize(x, 0.5), x)
-    blur = (choice.view(-1) == 2).nonzero().view(-1).tolist()
-    if blur:
-        k = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)
-        x = x.clone()
-        for i in blur:
-            x[i] = TF.gaussian_blur(x[i], [k, k], [float(torch.empty(()).uniform_(0.1, 2.0))])
-    return x
+    return torch.where(choice == 2, blurred, x)
 
 
 RECIPES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"strong_color": strong_color}

@@ -3,6 +3,14 @@
 We hand DeepSpeed a torch AdamW rather than naming one in the config: DeepSpeed's own optimizers
 compile fused kernels on first use (~76 s on CPU), and the trainer keeps the lr schedule (timm)
 on the torch optimizer's param groups, which ZeRO shares.
+
+Precision. ``precision: bf16`` is mixed precision the way the papers trained (torch AMP):
+DeepSpeed's ``torch_autocast`` section runs the engine's forward (and so its backward) under
+``torch.autocast(bfloat16)``. Parameters stay fp32, and so do everything derived from them:
+EMA teachers (a 1 - 0.996 momentum step is below bf16's resolution), BatchNorm statistics,
+gradients and their all-reduce (``lower_precision_safe_modules: []``), the optimizer, and the
+exported encoder. DeepSpeed's own ``bf16`` section would instead cast the whole module,
+teachers included, to bf16; we never enable it.
 """
 from __future__ import annotations
 
@@ -13,21 +21,36 @@ from typing import Any
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from hpc_mim.distributed.env import DistEnv
 
 
-def init_distributed(env: DistEnv, device: torch.device, timeout_s: int = 300) -> None:
-    """Join the process group (gloo on CPU, nccl on CUDA); a timeout names host and port."""
+def init_distributed(env: DistEnv, device: torch.device, rendezvous_timeout_s: int = 300,
+                     collective_timeout_s: int = 1800) -> None:
+    """Join the process group (gloo on CPU, nccl on CUDA).
+
+    Two timeouts: every rank must reach the rendezvous store within ``rendezvous_timeout_s``
+    (else an error naming host and port), while a collective may wait ``collective_timeout_s``
+    for the slowest rank -- rank 0 alone writes MLflow, prunes checkpoints and fsyncs on a
+    shared filesystem, which can take minutes without anything being wrong."""
     env.export()
     backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
-    except Exception as e:  # noqa: BLE001 - rendezvous errors come in many types
-        raise RuntimeError(f"rendezvous failed at {env.master_addr}:{env.master_port} "
-                           f"(rank {env.rank}/{env.world_size}, backend {backend}): {e}") from e
+    if not dist.is_initialized():
+        try:
+            store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                                  is_master=env.rank == 0, wait_for_workers=True,
+                                  timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                                    timeout=datetime.timedelta(seconds=collective_timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        except Exception as e:  # noqa: BLE001 - rendezvous errors come in many types
+            raise RuntimeError(f"rendezvous failed at {env.master_addr}:{env.master_port} "
+                               f"(rank {env.rank}/{env.world_size}, backend {backend}): {e}") from e
+    # DeepSpeed adopts the group above (its timeout included) instead of creating one
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=collective_timeout_s))
 
 
 def ds_config(train_cfg, world_size: int) -> dict[str, Any]:
@@ -38,7 +61,8 @@ def ds_config(train_cfg, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": train_cfg.accumulation(world_size),
         "gradient_clipping": train_cfg.clip_grad,
         "zero_optimization": {"stage": train_cfg.zero_stage},
-        "bf16": {"enabled": train_cfg.precision == "bf16"},
+        "torch_autocast": {"enabled": train_cfg.precision == "bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},  # fp32 gradient all-reduce
         "zero_allow_untested_optimizer": True,   # torch AdamW under ZeRO: fine, see module doc
         "steps_per_print": 10 ** 9,              # our own progress lines instead
         "wall_clock_breakdown": False,
@@ -46,7 +70,8 @@ def ds_config(train_cfg, world_size: int) -> dict[str, Any]:
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg, world_size: int):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, precision, accumulation, clipping)."""
+    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, precision, accumulation, clipping).
+    ``engine(batch)`` runs the forward under bf16 autocast when ``precision`` is bf16."""
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(train_cfg, world_size))
     return engine

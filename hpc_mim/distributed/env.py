@@ -77,6 +77,38 @@ def detect() -> DistEnv:
     return DistEnv(master_port=free_port())
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """Which of the ``visible`` CUDA devices this process drives.
+
+    SLURM either shows every GPU of the node to every task (``--gpus-per-node``: index =
+    local rank) or binds one GPU per task (``--gpus-per-task=1``, ``--gpu-bind``: the task sees
+    a single device, index 0, whatever its local rank). Anything else is a launch mistake
+    that would put two ranks on one GPU, so it is an error rather than a silent wrap-around."""
+    if visible < 1:
+        raise RuntimeError("CUDA is available but no device is visible (CUDA_VISIBLE_DEVICES?)")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU of its own: {visible} visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+            "start one task per GPU (cluster.tasks_per_node = cluster.gpus_per_node)")
+    return local_rank
+
+
+def training_device(env: DistEnv):
+    """This process's device: its own GPU (made current, TF32 on for fp32 matmuls and
+    convolutions, as the papers' A100/H100 runs had), else the CPU."""
+    import torch
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", cuda_index(env.local_rank, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def set_threads(env: DistEnv) -> int:
     """Split this host's cores between the processes sharing it (OMP per process).
 

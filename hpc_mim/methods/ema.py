@@ -6,9 +6,10 @@ ZeRO-3, partitions it like the student. The trainer calls the method's ``on_opti
 inside ``deepspeed.gathered(...)`` over the parameters the method lists in ``ema_parameters``,
 so the update below always sees whole tensors.
 
-Precision: with ``train.precision=bf16`` DeepSpeed casts every module parameter, the teacher's
-included, to bf16; the update is computed in fp32 but stored in bf16, so with momentum near 1
-small steps are rounded away. Use fp32 (or accept the rounding) when the teacher matters.
+Precision: the teacher's weights are fp32 in every run. ``train.precision=bf16`` is autocast
+(hpc_mim/distributed/deepspeed.py): the teacher's forward runs bf16 matmuls, but its weights --
+and the update, whose step (1 - m)(s - t) with m = 0.996 is far below bf16's resolution -- stay
+fp32, and the student it follows is the fp32 parameters the optimizer updates.
 """
 from __future__ import annotations
 
@@ -48,7 +49,11 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, students: dict[str, nn.Module], momentum: float) -> None:
         for teacher, student in self.pairs(students):
-            for t, s in zip(teacher.parameters(), student.parameters()):
-                t.copy_((t.float() * momentum + s.detach().float() * (1.0 - momentum)).to(t.dtype))
+            t_params, s_params = list(teacher.parameters()), list(student.parameters())
+            if any(t.dtype != torch.float32 for t in t_params):
+                raise TypeError("EMA teacher weights must be fp32 (a bf16 teacher rounds the "
+                                "momentum step away); something cast the module")
+            # t + (1 - m)(s - t) = m t + (1 - m) s, one fused kernel per dtype/device group
+            torch._foreach_lerp_(t_params, [s.detach().float() for s in s_params], 1.0 - momentum)
             for t, s in zip(teacher.buffers(), student.buffers()):
                 t.copy_(s)               # e.g. BatchNorm running statistics follow the student

@@ -40,6 +40,7 @@ def patch_discrimination_loss(pred: torch.Tensor, target: torch.Tensor, tau: flo
     scores (N, T, T) = pred . target / tau, and the loss is cross-entropy against the diagonal,
     scaled by 2 * tau as in the authors' code.
     """
+    pred, target = pred.float(), target.float()                              # fp32 under autocast
     pred = (pred - pred.mean(dim=1, keepdim=True)) / (pred.std(dim=1, keepdim=True) + 1e-4)
     pred, target = F.normalize(pred, dim=-1), F.normalize(target, dim=-1)
     scores = torch.einsum("npd,nqd->npq", pred, target) / tau                # (N, T, T)
@@ -50,7 +51,7 @@ def patch_discrimination_loss(pred: torch.Tensor, target: torch.Tensor, tau: flo
 
 def mean_pairwise_similarity(x: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity between distinct tokens of each image, averaged: x (N, T, D)."""
-    x = F.normalize(x, dim=-1)
+    x = F.normalize(x.float(), dim=-1)
     sim = x @ x.transpose(1, 2)                                              # (N, T, T)
     t = x.shape[1]
     return (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (t * (t - 1))
@@ -92,11 +93,12 @@ class LatentMIM(MIMMethod):
         pred = self.decoder(vis, m.ids_keep, ids_target)                     # (B, T, D)
         with torch.no_grad():
             target = self.target["head"](self.target["encoder"](x, ids_target))[:, 1:]  # (B, T, D)
-        out = {"infonce": patch_discrimination_loss(pred, target.to(pred.dtype), self.tau)}
+        out = {"infonce": patch_discrimination_loss(pred, target, self.tau)}
         loss = out["infonce"]
         if self.sim_weight > 0:
             start, end = self.sim_target
-            s = end + (start - end) * (1 + math.cos(math.pi * float(self.progress))) / 2
+            # on the device from the progress buffer: no host sync per step
+            s = end + (start - end) * (1 + torch.cos(math.pi * self.progress)) / 2
             out["sim_reg"] = self.sim_weight * ((mean_pairwise_similarity(pred) - s) ** 2
                                                 + (mean_pairwise_similarity(vis[:, 1:]) - s) ** 2)
             loss = loss + out["sim_reg"]

@@ -32,8 +32,8 @@ from hpc_mim.models.vit import build_encoder
 
 def cross_view_loss(students: list[torch.Tensor], teachers: list[torch.Tensor]) -> torch.Tensor:
     """Mean over ordered pairs of different views of ``2 - 2 cos(student_v, teacher_v')``
-    (BYOL's normalised MSE), averaged over the batch. Each tensor (B, D)."""
-    terms = [2 - 2 * F.cosine_similarity(s, t.detach(), dim=-1).mean()
+    (BYOL's normalised MSE), averaged over the batch, in fp32. Each tensor (B, D)."""
+    terms = [2 - 2 * F.cosine_similarity(s.float(), t.detach().float(), dim=-1).mean()
              for i, s in enumerate(students) for j, t in enumerate(teachers) if i != j]
     return torch.stack(terms).mean()
 
@@ -77,7 +77,7 @@ class LUT(MIMMethod):
         target = patchify(views[0], self.encoder.patch_size)
         if self.norm_pix_loss:
             target = norm_pix(target)
-        mae_loss = masked_mse(pred, target.to(pred.dtype), m1.mask.to(pred.dtype))
+        mae_loss = masked_mse(pred, target, m1.mask)
 
         # both views in one batch through each head: BatchNorm statistics over 2B samples
         pooled = torch.cat([z[:, 1:].mean(dim=1) for z in latents])          # (2B, D)
@@ -85,7 +85,7 @@ class LUT(MIMMethod):
         with torch.no_grad():
             full = torch.cat([self.teacher["encoder"](v)[:, 1:].mean(dim=1) for v in views])
             teachers = self.teacher["projector"](full).chunk(2)
-        cv = cross_view_loss(list(students), [t.to(pred.dtype) for t in teachers])
+        cv = cross_view_loss(list(students), list(teachers))
         return {"loss": mae_loss + self.weight * cv, "mae_loss": mae_loss, "cross_view_loss": cv}
 
     @torch.no_grad()

@@ -23,9 +23,12 @@ def norm_pix(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked patches of the per-patch MSE: pred/target (B, L, P), mask (B, L)."""
-    per_patch = ((pred - target) ** 2).mean(dim=-1)                          # (B, L)
-    return (per_patch * mask).sum() / mask.sum()
+    """Mean over masked patches of the per-patch MSE: pred/target (B, L, P), mask (B, L).
+    Computed in fp32 whatever the inputs (bf16 under autocast). A mask that selects nothing
+    gives 0 (a term with nothing to cover), decided on the device: no host sync."""
+    per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)          # (B, L)
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
 
 class MAE(MIMMethod):
@@ -48,4 +51,4 @@ class MAE(MIMMethod):
         target = patchify(imgs, self.encoder.patch_size)                     # (B, L, p*p*C)
         if self.norm_pix_loss:
             target = norm_pix(target)
-        return {"loss": masked_mse(pred, target.to(pred.dtype), m.mask.to(pred.dtype))}
+        return {"loss": masked_mse(pred, target, m.mask)}

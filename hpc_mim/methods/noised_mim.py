@@ -87,8 +87,8 @@ class NoisedMIM(MIMMethod):
             feat_in = method_cfg.decoder_dim
         if o.noise_target == "features":
             self.feature_head = nn.Linear(feat_in, d)
-        # a float64 table, not a buffer: under bf16 DeepSpeed would round alpha_bar near 1 to 1
-        self.alphas_cumprod = cosine_alphas_cumprod(o.noise_steps)
+        # float64 (alpha_bar near 1 must not round to 1), on the training device, not saved
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.noise_steps), persistent=False)
         self.terms = ("mask_loss", "noise_loss") + (("disruption",) if o.disruption_weight > 0 else ())
 
     def _noise(self, x: torch.Tensor, which: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class NoisedMIM(MIMMethod):
         b, L = imgs.shape[0], enc.num_patches
         masked, noised = hybrid_masking(b, L, self.mask_ratio, o.noise_ratio, imgs.device)
         t = torch.randint(0, o.noise_steps, (b,), device=imgs.device)
-        alpha_bar = self.alphas_cumprod[t.cpu()].to(t.device)
+        alpha_bar = self.alphas_cumprod[t]
         patches = patchify(imgs, enc.patch_size)                             # (B, L, P)
         if k == 0:                                                           # pixel-space noise
             imgs = unpatchify(self._noise(patches, noised, alpha_bar), enc.patch_size,
@@ -116,7 +116,7 @@ class NoisedMIM(MIMMethod):
         else:
             # visible = clean + noised tokens, in patch order; the masked ones go last
             ids_shuffle = torch.argsort(masked.float(), dim=1, stable=True)
-            ids_keep = ids_shuffle[:, :L - int(masked[0].sum())]
+            ids_keep = ids_shuffle[:, :L - int(L * self.mask_ratio)]      # hybrid_masking's count
             x = enc.embed(imgs, ids_keep)                                    # (B, 1+K, D)
             token_noised = gather_tokens(noised.unsqueeze(-1).float(), ids_keep).squeeze(-1).bool()
         for i, block in enumerate(enc.blocks):
@@ -140,16 +140,15 @@ class NoisedMIM(MIMMethod):
             pred = self.decoder.head(y)
             tokens = y[:, 1:]
         target = norm_pix(patches) if self.norm_pix_loss else patches
-        out = {"mask_loss": masked_mse(pred, target.to(pred.dtype), masked.to(pred.dtype))}
+        out = {"mask_loss": masked_mse(pred, target, masked)}
         if o.noise_target == "features":
             # decoder style: the clean features are those of the kept tokens; scatter to patch order
             if o.style == "decoder":
                 full = clean_feats.new_zeros(b, L, clean_feats.shape[-1])
                 clean_feats = full.scatter(1, ids_keep.unsqueeze(-1).expand_as(clean_feats), clean_feats)
-            out["noise_loss"] = masked_mse(self.feature_head(tokens), clean_feats.to(pred.dtype),
-                                           noised.to(pred.dtype))
+            out["noise_loss"] = masked_mse(self.feature_head(tokens), clean_feats, noised)
         else:
-            out["noise_loss"] = masked_mse(pred, target.to(pred.dtype), noised.to(pred.dtype))
+            out["noise_loss"] = masked_mse(pred, target, noised)
         loss = out["mask_loss"] + o.noise_loss_weight * out["noise_loss"]
         if want_probs:
             out["disruption"] = disruption_loss(probs, noised, masked)

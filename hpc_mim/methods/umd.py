@@ -34,11 +34,6 @@ from hpc_mim.models.vit import build_encoder
 from hpc_mim.noise import add_noise, cosine_alphas_cumprod
 
 
-def masked_mse_or_zero(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``masked_mse``, or 0 when ``mask`` selects nothing (a term that does not apply)."""
-    return masked_mse(pred, target, mask) if mask.sum() > 0 else pred.sum() * 0
-
-
 class UMD(MIMMethod):
     """``forward({"image": (B, C, H, W)})`` -> loss, mae_loss, dit_loss, x0_loss, eps_loss."""
 
@@ -53,8 +48,8 @@ class UMD(MIMMethod):
         self.decoder = MAEDecoder(self.encoder.grid, d, method_cfg.decoder_dim, method_cfg.decoder_depth,
                                   method_cfg.decoder_heads, out_dim=2 * self.patch_dim,
                                   num_prefix=o.num_cls_tokens, timestep_cond=True)
-        # a float64 table, not a buffer: under bf16 DeepSpeed would round alpha_bar near 1 to 1
-        self.alphas_cumprod = cosine_alphas_cumprod(o.diffusion_steps)
+        # float64 (alpha_bar near 1 must not round to 1), on the training device, not saved
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.diffusion_steps), persistent=False)
         self.clean_ratio, self.noised_ratio = method_cfg.mask_ratio, o.noised_mask_ratio
         self.no_noise_prob, self.steps = o.no_noise_prob, o.diffusion_steps
 
@@ -74,14 +69,14 @@ class UMD(MIMMethod):
             clean = x0[:n_clean]
             t0 = torch.zeros(n_clean, dtype=torch.long, device=x0.device)
             pred_x0, _, mask = self.predict(clean, t0, self.clean_ratio)
-            mae_loss = masked_mse_or_zero(pred_x0, patchify(clean, p), mask)
+            mae_loss = masked_mse(pred_x0, patchify(clean, p), mask)
         if n_clean < b:
             x = x0[n_clean:]
             t = torch.randint(0, self.steps, (b - n_clean,), device=x0.device)
-            xt, eps = add_noise(x, self.alphas_cumprod[t.cpu()].to(t.device))
+            xt, eps = add_noise(x, self.alphas_cumprod[t])
             pred_x0, pred_eps, mask = self.predict(xt, t + 1, self.noised_ratio)
-            x0_loss = masked_mse_or_zero(pred_x0, patchify(x, p), mask)
-            eps_loss = masked_mse_or_zero(pred_eps, patchify(eps, p), 1 - mask)
+            x0_loss = masked_mse(pred_x0, patchify(x, p), mask)          # 0 when nothing is masked
+            eps_loss = masked_mse(pred_eps, patchify(eps, p), 1 - mask)
             dit_loss = (eps_loss + x0_loss) / 2
         r = n_clean / b
         return {"loss": dit_loss * (1 - r) + mae_loss * r, "mae_loss": mae_loss,

@@ -6,19 +6,24 @@ blr * sqrt(batch_size) / 4), linear warmup, then half-cosine to the floor, updat
 step (timm's CosineLRScheduler). After every optimizer step the method's ``on_optimizer_step``
 hook runs (EMA teachers), over whole tensors even under ZeRO-3.
 
+On a GPU node (read as an 8-node run executes it): each task drives its own GPU
+(``training_device``); ``precision: bf16`` is autocast with fp32 weights, teachers, gradients
+and export (hpc_mim/distributed/deepspeed.py); loss terms are summed on the device in fp32 and
+every tensor handed to a collective lives there; the host waits for the device once per
+optimizer step (``agree``) and once per ``log_every`` (``log_metrics``), never per micro-batch.
+
 Nothing lost: checkpoints every ``checkpoint.every_steps`` and at each epoch's end hold the
 weights, optimizer, EMA teachers, the data position (epoch, micro-batch) and every rank's RNG
-states; data order and crops are functions of (seed, epoch), so a resumed run continues exactly
-as an uninterrupted one would (bit-identical on CPU in fp32 at the same world size). A stop
+states (CPU, numpy, python, and the CUDA generator that draws masks and noise on a GPU); data
+order and crops are functions of (seed, epoch), so a resumed run continues exactly as an
+uninterrupted one would (bit-identical on CPU in fp32 at the same world size). A stop
 signal (hpc_mim/distributed/preemption.py) ends the run after the current step with a
 checkpoint; a non-finite loss stops it before anything is saved.
 """
 from __future__ import annotations
 
-import math
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ from timm.scheduler import CosineLRScheduler
 from hpc_mim.config import Config
 from hpc_mim.data.ffcv_io import build_loader, iterate
 from hpc_mim.distributed import deepspeed as ds
-from hpc_mim.distributed.env import DistEnv, detect, set_threads
+from hpc_mim.distributed.env import DistEnv, detect, set_threads, training_device
 from hpc_mim.distributed.preemption import STOP, Preempted
 from hpc_mim.methods import build_method
 from hpc_mim.models.vit import save_encoder
@@ -39,14 +44,24 @@ from hpc_mim.tracking import MLflowLogger
 from hpc_mim.train.checkpoint import CheckpointManager
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state(device: torch.device) -> dict:
+    """Every generator a step draws from on this rank: masks and noise come from the CUDA
+    generator when training on a GPU, so a resume must restore that one too."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if device.type == "cuda":
+        if "cuda" not in state:
+            raise RuntimeError("the checkpoint holds no CUDA generator state (written by a CPU "
+                               "run?): masks after the resume would differ from an uninterrupted run")
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Trainer:
@@ -56,11 +71,9 @@ class Trainer:
         self.cfg, self.run, self.logger = cfg, run, logger
         self.env = env or detect()
         self.threads = set_threads(self.env)
-        cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", self.env.local_rank) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        ds.init_distributed(self.env, self.device, cfg.cluster.rendezvous_timeout_s)
+        self.device = training_device(self.env)
+        ds.init_distributed(self.env, self.device, cfg.cluster.rendezvous_timeout_s,
+                            cfg.cluster.collective_timeout_s)
         seed = cfg.train.seed * 1000 + self.env.rank   # masks differ between ranks
         torch.manual_seed(seed)
         np.random.seed(seed)
@@ -72,7 +85,7 @@ class Trainer:
         groups = param_groups_weight_decay(self.method, t.weight_decay)  # no decay on norms/biases
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=tuple(t.betas))
         self.engine = ds.initialize(self.method, self.optimizer, t, self.env.world_size)
-        self.dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        self.term_names = ("loss", *self.method.terms)
 
         info = cfg.dataset_info()
         self.loader = build_loader(
@@ -113,9 +126,12 @@ class Trainer:
         return self.last_metrics
 
     def loop(self, epoch: int, skip: int, step: int, per_epoch: int) -> None:
+        """Host syncs: one per optimizer step (``agree``: stop signal and finiteness, which
+        every rank must know before it may save) and one per ``log_every`` (the loss terms).
+        Loss terms are summed on the device in fp32 in between."""
         t = self.cfg.train
-        sums: dict[str, float] = defaultdict(float)       # loss terms summed over the window
-        terms: dict[str, float] = defaultdict(float)      # ... over this step's micro-batches
+        zeros = lambda: torch.zeros(len(self.term_names), device=self.device)  # noqa: E731
+        window_sum, step_sum = zeros(), zeros()      # loss terms summed over the window / step
         tic, seen, window = time.time(), 0, 0
         while step < self.total_steps:
             done = skip                          # resumed mid-epoch: same order, done ones skipped
@@ -123,33 +139,32 @@ class Trainer:
                 if micro >= per_epoch or step >= self.total_steps:
                     break
                 self.scheduler.step_update(step)
-                batch = {k: v.to(self.device, self.dtype if v.is_floating_point() else None)
-                         for k, v in batch.items()}
+                # already on the device (FFCV's ToDevice); fp32: the engine autocasts when bf16
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 out = self.engine(batch)
                 self.engine.backward(out["loss"])
                 self.engine.step()
-                for name, value in out.items():
-                    terms[name] += value.detach().float().item() / self.accum
+                step_sum += torch.stack([out[n].detach().float() for n in self.term_names]) / self.accum
                 seen += batch["image"].shape[0] * self.env.world_size
                 done = micro + 1                 # micro-batches of this epoch done
                 if done % self.accum:
                     continue
                 step, window = step + 1, window + 1
                 self.after_step(step)
-                signal_name, finite = self.agree(math.isfinite(terms["loss"]))
+                signal_name, finite = self.agree(step_sum[0])
                 if not finite:                   # before any save: the last checkpoint stays good
+                    terms = dict(zip(self.term_names, step_sum.tolist()))
                     message = (f"non-finite loss at step {step} (epoch {epoch}); terms on rank "
                                f"{self.env.rank}: " + ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
                                + f"; the last good checkpoint is {self.ckpt.latest()}")
                     self.log(f"STOPPED: {message}")
                     raise FloatingPointError(message)
-                for name, value in terms.items():
-                    sums[name] += value
-                terms.clear()
+                window_sum += step_sum
+                step_sum.zero_()
                 if step % t.log_every == 0 or step == self.total_steps:
-                    self.last_metrics = self.log_metrics(sums, window, step, epoch,
+                    self.last_metrics = self.log_metrics(window_sum, window, step, epoch,
                                                          seen / (time.time() - tic))
-                    sums, tic, seen, window = defaultdict(float), time.time(), 0, 0
+                    window_sum, tic, seen, window = zeros(), time.time(), 0, 0
                 at_end = done >= per_epoch       # the save after the loop covers an epoch's end
                 saved = step % self.cfg.checkpoint.every_steps == 0 and not at_end and step < self.total_steps
                 if saved:
@@ -163,14 +178,17 @@ class Trainer:
             self.save(epoch, skip, step)         # epoch boundary, or where max_steps stopped us
 
     # ------------------------------------------------------------------ pieces
-    def agree(self, finite: bool) -> tuple[str | None, bool]:
+    def agree(self, loss: torch.Tensor) -> tuple[str | None, bool]:
         """After each step, all ranks agree on (the stop signal any rank received, whether every
         rank's loss was finite): they must save or stop together. USR2 wins over TERM: after it
-        the job must requeue itself."""
+        the job must requeue itself. ``loss`` stays on the device; reading the reduced pair is
+        the step's one host sync."""
         codes = ("", "SIGTERM", "SIGUSR2")
-        flags = torch.tensor([codes.index(STOP.received or ""), int(not finite)], device=self.device)
+        signal_code = torch.tensor(float(codes.index(STOP.received or "")), device=self.device)
+        flags = torch.stack([signal_code, (~torch.isfinite(loss)).float()])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return codes[int(flags[0])] or None, not bool(flags[1])
+        code, nonfinite = flags.tolist()
+        return codes[int(code)] or None, not nonfinite
 
     def after_step(self, step: int) -> None:
         """The method's hook (EMA teachers) on gathered parameters, with progress in [0, 1]."""
@@ -186,13 +204,14 @@ class Trainer:
             with open(self.run.pretrain_log, "a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
 
-    def log_metrics(self, sums: dict[str, float], window: int, step: int, epoch: int,
+    def log_metrics(self, sums: torch.Tensor, window: int, step: int, epoch: int,
                     img_s: float) -> dict[str, float]:
-        """Mean of each loss term over the last ``window`` steps and all ranks, to MLflow."""
-        names = sorted(sums)
-        values = torch.tensor([sums[n] for n in names], dtype=torch.float64)
-        dist.all_reduce(values)                  # every rank logs at the same steps
-        metrics = {f"train/{k}": v / (self.env.world_size * window) for k, v in zip(names, values.tolist())}
+        """Mean of each loss term (``sums``: fp32 on the training device, one per
+        ``term_names``) over the last ``window`` steps and all ranks, to MLflow."""
+        sums = sums.clone()
+        dist.all_reduce(sums)                    # every rank logs at the same steps
+        values = (sums / (self.env.world_size * window)).tolist()
+        metrics = {f"train/{k}": v for k, v in zip(self.term_names, values)}
         metrics.update({"train/lr": self.optimizer.param_groups[0]["lr"], "train/epoch": epoch,
                         "train/img_per_s": img_s})
         if self.logger:
@@ -207,7 +226,7 @@ class Trainer:
 
         def save_fn(folder: Path, tag: str) -> None:
             ds.save_checkpoint(self.engine, folder, tag, state)
-            torch.save(rng_state(), folder / tag / f"rng_rank{self.env.rank}.pt")
+            torch.save(rng_state(self.device), folder / tag / f"rng_rank{self.env.rank}.pt")
 
         if self.logger:      # first: a published checkpoint implies its steps' metrics were
             self.logger.flush()  # sent (or spooled); a kill in between only repeats a few steps
@@ -219,7 +238,7 @@ class Trainer:
             state = ds.load_checkpoint(self.engine, folder, tag)
             rng = folder / tag / f"rng_rank{self.env.rank}.pt"
             if rng.is_file():
-                set_rng_state(torch.load(rng, weights_only=False))
+                set_rng_state(torch.load(rng, weights_only=False), self.device)
             return state
 
         state = self.ckpt.load(load_fn)

@@ -1,0 +1,167 @@
+"""What an 8-node bf16 GPU run would execute, checked where a CPU can show it.
+
+One bf16 LUT run (the method with an EMA teacher and synced BatchNorm heads) in a child process,
+instrumented: every tensor handed to a collective, every host sync of the loop, the teacher's
+update, the exported weights, then bf16 fine-tuning of the export. The GPU-only halves (NCCL,
+the CUDA generator in checkpoints) are in tests/gpu/.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO
+from hpc_mim.distributed.env import free_port
+from test_checkpoint import make_run
+
+STEPS, LOG_EVERY = 4, 2
+
+INSTRUMENTED_RUN = r"""
+import json, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from conftest import HostSyncs
+from hpc_mim.config import read_config
+from hpc_mim.distributed.env import DistEnv, free_port
+from hpc_mim.methods.ema import cosine_momentum
+from hpc_mim.models.vit import load_encoder
+from hpc_mim.rundir import RunDir
+from hpc_mim.train.trainer import Trainer
+
+run = RunDir(sys.argv[1])
+trainer = Trainer(read_config(run.config), run, env=DistEnv(master_port=free_port()))
+method = trainer.engine.module
+report = {"device": str(trainer.device), "collectives": [], "ema": []}
+
+all_reduce = dist.all_reduce
+def recording(tensor, *args, **kwargs):
+    caller = sys._getframe(1).f_code.co_filename
+    report["collectives"].append([caller.split("/")[-1], str(tensor.device), str(tensor.dtype)])
+    return all_reduce(tensor, *args, **kwargs)
+dist.all_reduce = recording
+
+update = method.on_optimizer_step
+def checked_update(progress):
+    before = [p.detach().clone() for p in method.teacher.copies.parameters()]
+    student = [p.detach().clone() for name in ("encoder", "projector")
+               for p in getattr(method, name).parameters()]
+    update(progress)
+    m = cosine_momentum(method.base_momentum, progress)
+    after = list(method.teacher.copies.parameters())
+    fp32_step = [(1 - m) * (s - b) for s, b in zip(student, before)]
+    report["ema"].append({
+        "dtypes": sorted({str(p.dtype) for p in after}),
+        "error": max((a - b - d).abs().max().item() for a, b, d in zip(after, before, fp32_step)),
+        "moved": max((a - b).abs().max().item() for a, b in zip(after, before)),
+        "fp32_step": max(d.abs().max().item() for d in fp32_step)})
+method.on_optimizer_step = checked_update
+
+loop = trainer.loop
+def counted_loop(*args):                   # the training loop's syncs, not the export's
+    syncs = HostSyncs()
+    loop(*args)
+    report["syncs"] = dict(syncs.sites)
+trainer.loop = counted_loop
+trainer.fit()
+exported = load_encoder(run.encoder).state_dict()
+live = method.encoder.state_dict()
+report["export_equal"] = all(torch.equal(exported[k], live[k].float()) for k in exported)
+weights = torch.cat([v.flatten() for v in exported.values()])
+report["export_dtypes"] = sorted({str(v.dtype) for v in exported.values()})
+report["export_not_bf16"] = (weights != weights.bfloat16().float()).float().mean().item()
+report["batchnorm_running_var"] = method.projector[1].running_var.dtype.__repr__()
+
+from evaluation import finetune
+report["finetune"] = finetune.main(str(run.root), overrides=["eval.finetune.precision=bf16"])
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_bf16_lut_run_keeps_teacher_statistics_losses_and_export_fp32(tmp_path, data_root):
+    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", "train.precision=bf16",
+                                    f"train.max_steps={STEPS}", f"train.log_every={LOG_EVERY}"],
+                         method="lut")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    r = subprocess.run([sys.executable, "-c", INSTRUMENTED_RUN, str(run.root), str(REPO / "tests")],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads(r.stdout.split("REPORT ", 1)[1])
+
+    # every tensor our code hands to a collective lives on the training device, fp32
+    ours = [c for c in report["collectives"] if c[0] == "trainer.py"]
+    assert len(ours) == STEPS + STEPS // LOG_EVERY                 # agree per step + each log
+    assert {(d, t) for _, d, t in ours} == {(report["device"], "torch.float32")}
+    assert {d for _, d, _ in report["collectives"]} == {report["device"]}
+
+    # host syncs of the loop: one per step (agree) and one per log point, none per micro-batch
+    loop_syncs = report["syncs"]
+    assert sum(loop_syncs.values()) == STEPS + STEPS // LOG_EVERY, loop_syncs
+    assert all(site.startswith("hpc_mim/train/trainer.py") for site in loop_syncs), loop_syncs
+
+    # the EMA teacher is fp32 and moves by exactly the fp32 momentum step (bf16 rounds it away)
+    assert len(report["ema"]) == STEPS
+    # (step 1 has lr 0 in warmup, the last has momentum 1: nothing to follow there)
+    for ema in report["ema"]:
+        assert ema["dtypes"] == ["torch.float32"] and ema["error"] < 1e-7
+        assert abs(ema["moved"] - ema["fp32_step"]) <= 0.1 * ema["fp32_step"]  # bf16: 0 or ~1e-3
+    assert sum(ema["moved"] > 0 for ema in report["ema"]) == STEPS - 2
+
+    # the export is the fp32 training weights, not a bf16 copy of them
+    assert report["export_equal"] and report["export_dtypes"] == ["torch.float32"]
+    assert report["export_not_bf16"] > 0.9
+
+    # fine-tuning with eval.finetune.precision bf16 runs (fp32 images into an autocast forward)
+    top1 = report["finetune"]["pretrained"]["top1"]
+    assert 0 <= top1 <= 100
+
+
+def collective_worker(rank: int, port: int, out: dict) -> None:
+    from hpc_mim.distributed import deepspeed as ds
+    from hpc_mim.distributed.env import DistEnv
+    import torch.distributed as dist
+    env = DistEnv(rank=rank, world_size=2, master_port=port)
+    ds.init_distributed(env, torch.device("cpu"), rendezvous_timeout_s=10, collective_timeout_s=120)
+    if rank == 0:
+        time.sleep(15)                 # rank-0-only work: MLflow, checkpoint pruning, fsync
+    t = torch.ones(1) * (rank + 1)
+    start = time.time()
+    dist.all_reduce(t)
+    out[rank] = (t.item(), time.time() - start)
+    dist.destroy_process_group()
+
+
+def test_a_collective_waits_past_the_rendezvous_timeout():
+    """Rank 1 waits 15 s in an all-reduce for rank 0; the rendezvous timeout (10 s) does not
+    apply to collectives, so the job lives (a single timeout would have killed it)."""
+    port = free_port()
+    out = mp.Manager().dict()
+    mp.spawn(collective_worker, args=(port, out), nprocs=2, join=True)
+    assert out[0][0] == out[1][0] == 3.0
+    assert out[1][1] > 11               # it really waited longer than the rendezvous timeout
+
+
+def test_each_task_finds_its_own_gpu_with_or_without_slurm_gpu_binding():
+    from hpc_mim.distributed.env import cuda_index
+    assert cuda_index(local_rank=5, visible=8) == 5          # --gpus-per-node 8: all visible
+    assert cuda_index(local_rank=5, visible=1) == 0          # --gpus-per-task 1: its own one
+    with pytest.raises(RuntimeError, match="local rank 3 has no GPU of its own: 2 visible"):
+        cuda_index(local_rank=3, visible=2)
+
+
+def test_gpu_loader_copies_uint8_and_normalises_on_the_device():
+    """FFCV's ImageNet recipe: the batch crosses PCIe as uint8 (4x fewer bytes), asynchronously,
+    and is normalised on the GPU; on the CPU normalisation stays before ToTensor (#396)."""
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+
+    from hpc_mim.data.ffcv_io import _image_pipeline
+    kinds = lambda ops: [type(op) for op in ops]               # noqa: E731
+    gpu = _image_pipeline("decoder", [], [0.5] * 3, [0.2] * 3, torch.device("cuda", 0))
+    assert kinds(gpu[1:]) == [ToTensor, ToDevice, ToTorchImage, NormalizeImage]
+    assert gpu[2].non_blocking and gpu[2].device == torch.device("cuda", 0)
+    cpu = _image_pipeline("decoder", [], [0.5] * 3, [0.2] * 3, torch.device("cpu"))
+    assert kinds(cpu[1:]) == [NormalizeImage, ToTensor, ToTorchImage]
