@@ -74,7 +74,8 @@ report["export_equal"] = all(torch.equal(exported[k], live[k].float()) for k in 
 weights = torch.cat([v.flatten() for v in exported.values()])
 report["export_dtypes"] = sorted({str(v.dtype) for v in exported.values()})
 report["export_not_bf16"] = (weights != weights.bfloat16().float()).float().mean().item()
-report["batchnorm_running_var"] = method.projector[1].running_var.dtype.__repr__()
+report["bn_stat_dtypes"] = sorted({str(m.running_var.dtype) for m in method.modules()
+                                   if isinstance(m, torch.nn.BatchNorm1d)})
 
 from evaluation import finetune
 report["finetune"] = finetune.main(str(run.root), overrides=["eval.finetune.precision=bf16"])
@@ -110,6 +111,9 @@ def test_bf16_lut_run_keeps_teacher_statistics_losses_and_export_fp32(tmp_path, 
         assert ema["dtypes"] == ["torch.float32"] and ema["error"] < 1e-7
         assert abs(ema["moved"] - ema["fp32_step"]) <= 0.1 * ema["fp32_step"]  # bf16: 0 or ~1e-3
     assert sum(ema["moved"] > 0 for ema in report["ema"]) == STEPS - 2
+
+    # the synced BatchNorm heads keep fp32 running statistics
+    assert report["bn_stat_dtypes"] == ["torch.float32"]
 
     # the export is the fp32 training weights, not a bf16 copy of them
     assert report["export_equal"] and report["export_dtypes"] == ["torch.float32"]

@@ -26,8 +26,9 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate the HSV hue of each image of x (B, 3, H, W) in [0, 1] by its own ``shift`` (B,),
     in turns (torchvision's ``adjust_hue`` factor, [-0.5, 0.5]). Batched on the device:
-    torchvision takes one Python float per call and kornia's version checks its factor on the
-    host, and a per-image call is a host round trip each (the GPU idles between images)."""
+    torchvision's takes one Python float per call, so per-image factors meant a Python loop and
+    a host round trip per image. (kornia's ``adjust_hue`` takes a tensor of factors, but would
+    be a new dependency for this and the blur below; both are checked against torchvision.)"""
     v, _ = x.max(dim=1)                                                      # (B, H, W)
     chroma = v - x.min(dim=1).values
     sat = torch.where(v > 0, chroma / v.clamp(min=1e-12), torch.zeros_like(v))
