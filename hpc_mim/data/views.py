@@ -40,7 +40,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
     hue = (hue + 6 * shift.view(-1, 1, 1)) % 6                               # rotated, in [0, 6)
     # back to RGB: channel n (R=5, G=3, B=1) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = (5 - 2 * torch.arange(3, device=x.device, dtype=x.dtype)).view(1, 3, 1, 1)  # no H2D copy
     k = (n + hue.unsqueeze(1)) % 6
     return v.unsqueeze(1) * (1 - sat.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
 
@@ -92,11 +92,18 @@ def check_views(names: Sequence[str]) -> None:
         raise KeyError(f"unknown view recipe(s) {unknown}; hpc_mim/data/views.py has {sorted(RECIPES)}")
 
 
+def _stats(mean: Sequence[float], std: Sequence[float], device: torch.device):
+    """(1, C, 1, 1) mean and std on ``device``, copied without waiting for the device (a
+    blocking ``torch.tensor(..., device=cuda)`` per batch would drain the GPU's queue)."""
+    pair = torch.tensor([list(mean), list(std)]).view(2, 1, -1, 1, 1)
+    m, s = pair.to(device, non_blocking=True)
+    return m, s
+
+
 def finish_view(name: str, raw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B, C, H, W) crop from the loader -> recipe -> normalised float view."""
     x = RECIPES[name](raw.float() / 255)
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = _stats(mean, std, x.device)
     return (x - m) / s
 
 
@@ -104,8 +111,7 @@ def rand_augment(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], n
                  magnitude: int = 9) -> torch.Tensor:
     """RandAugment (Cubuk et al. arXiv 1909.13719; torchvision's, which works on tensors) on a
     normalised batch (B, C, H, W), each image drawing its own ops; returns it normalised."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = _stats(mean, std, x.device)
     raw = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
     augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
     out = torch.stack([augment(img) for img in raw])        # batched input would share one draw

@@ -184,7 +184,8 @@ class Trainer:
         the job must requeue itself. ``loss`` stays on the device; reading the reduced pair is
         the step's one host sync."""
         codes = ("", "SIGTERM", "SIGUSR2")
-        signal_code = torch.tensor(float(codes.index(STOP.received or "")), device=self.device)
+        # new_full is a fill kernel; torch.tensor(x, device=cuda) would be a blocking copy
+        signal_code = loss.new_full((), float(codes.index(STOP.received or "")))
         flags = torch.stack([signal_code, (~torch.isfinite(loss)).float()])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         code, nonfinite = flags.tolist()
