@@ -104,7 +104,10 @@ class DataConfig:
     """Which converted dataset to read (a name in configs/datasets.yaml) and its augmentation."""
     dataset: str = "fmnist"
     root: str = "data"                  # folder holding the converted .beton files
+    crop: str = "resized"               # resized: RandomResizedCrop(crop_scale) | pad: Resize + RandomCrop(padding) (LUT)
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    crop_padding: int = 4               # reflect padding of crop: pad
+    normalize: str = "dataset"          # dataset: its per-channel mean/std | symmetric: [-1, 1] (UMD's authors)
     hflip: bool = True
     num_workers: int = 2
     max_train_samples: int = 0          # 0 = all; a prefix subset for quick runs
@@ -116,6 +119,10 @@ class DataConfig:
         lo, hi = (self.crop_scale + [0, 0])[:2]
         _check(len(self.crop_scale) == 2 and 0 < lo <= hi <= 1, "data.crop_scale",
                f"{self.crop_scale} must be [lo, hi] with 0 < lo <= hi <= 1")
+        _check(self.crop in ("resized", "pad"), "data.crop", f"{self.crop!r}; choose resized or pad")
+        _check(self.crop_padding >= 0, "data.crop_padding", "must be >= 0")
+        _check(self.normalize in ("dataset", "symmetric"), "data.normalize",
+               f"{self.normalize!r}; choose dataset or symmetric")
         _check(self.num_workers >= 1, "data.num_workers", "must be >= 1")
         _check(self.max_train_samples >= 0, "data.max_train_samples", "must be >= 0")
 
@@ -268,8 +275,14 @@ class Config:
         return out
 
     def dataset_info(self, name: str = "", key: str = "data.dataset") -> dict[str, Any]:
-        """Registry entry of a dataset with its paths made absolute (hpc_mim/datasets.py)."""
-        return datasets.dataset_info(name or self.data.dataset, self.data.root, key)
+        """Registry entry of a dataset with its paths made absolute (hpc_mim/datasets.py).
+        ``data.normalize: symmetric`` replaces its mean/std by 0.5 (pixels in [-1, 1]) for
+        pre-training and for every evaluation of the run, which reads this same config."""
+        info = datasets.dataset_info(name or self.data.dataset, self.data.root, key)
+        if self.data.normalize == "symmetric":
+            channels = len(info.get("mean", [0, 0, 0]))
+            info["mean"], info["std"] = [0.5] * channels, [0.5] * channels
+        return info
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -140,3 +140,15 @@ def test_evals_list_resolves_each_job_and_its_dataset():
     info = cfg.dataset_info("cub")
     assert info["kind"] == "classification" and info["num_classes"] == 200
     assert info["train"].endswith("data/cub/train.beton")
+
+
+def test_symmetric_normalisation_gives_pixels_in_minus_one_one_to_training_and_evaluations():
+    """UMD's authors train on [-1, 1] pixels: data.normalize=symmetric is that option, and every
+    consumer (trainer, evaluations) reads mean/std through Config.dataset_info."""
+    cfg = load_config("umd", "smoke", overrides=["data.normalize=symmetric"])
+    for name in ("", "fmnist"):
+        info = cfg.dataset_info(name)
+        assert info["mean"] == [0.5] * 3 and info["std"] == [0.5] * 3
+    assert load_config("umd", "smoke").dataset_info()["mean"] == [0.2860] * 3
+    with pytest.raises(ConfigError, match="data.normalize"):
+        load_config("umd", "smoke", overrides=["data.normalize=unit"])

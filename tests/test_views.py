@@ -64,3 +64,30 @@ def test_strong_color_makes_no_host_sync(monkeypatch):
     syncs = HostSyncs(monkeypatch.setattr)
     finish_view("strong_color", raw, [0.5] * 3, [0.25] * 3)
     assert syncs.sites == {}
+
+
+def test_color_jitter_is_torchvisions_per_image_in_each_images_own_order():
+    """torchvision's ColorJitter applies its four ops in a random order per call (the authors'
+    view 2); each image here must equal torchvision's ops in the order and with the factors
+    it drew."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from hpc_mim.data.views import color_jitter
+    torch.manual_seed(0)
+    x = torch.rand(24, 3, 9, 9)
+    torch.manual_seed(1)
+    got = color_jitter(x)
+    torch.manual_seed(1)                          # the same draws, in color_jitter's order
+    factors = [torch.empty(24, 1, 1, 1).uniform_(1 - a, 1 + a).flatten() for a in (0.4, 0.4, 0.2)]
+    hue = torch.empty(24).uniform_(-0.1, 0.1)
+    order = torch.argsort(torch.rand(24, 4), dim=1)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    values = (*factors, hue)
+    orders = set()
+    for i in range(24):
+        img = x[i]
+        for k in order[i].tolist():
+            img = ops[k](img, float(values[k][i]))
+        torch.testing.assert_close(got[i], img, atol=1e-5, rtol=0)
+        orders.add(tuple(order[i].tolist()))
+    assert len(orders) > 10                       # not one fixed order

@@ -73,17 +73,39 @@ def sample_seed(seed: int, epoch: int, stream: int, index: int) -> int:
     return _mix(_mix(_mix(_mix(0, seed), epoch), stream), index)
 
 
+def pad_crop_window(height: int, width: int, size: int, padding: int):
+    """torchvision's Resize(size) (short side to ``size``, the long one truncated) then
+    RandomCrop(size, padding, padding_mode="reflect"), drawn from np.random: (resized h, w,
+    rows, cols), rows/cols (size,) indexing the resized image, reflected at its borders (the
+    edge pixel is not repeated: -1 -> 1, n -> n - 2). Numba-compilable."""
+    if height <= width:
+        rh, rw = size, max(size, int(size * width / height))
+    else:
+        rh, rw = max(size, int(size * height / width)), size
+    top = np.random.randint(0, rh + 2 * padding - size + 1)
+    left = np.random.randint(0, rw + 2 * padding - size + 1)
+    rows = np.abs(np.arange(size) + top - padding)
+    cols = np.abs(np.arange(size) + left - padding)
+    rows = np.where(rows >= rh, 2 * (rh - 1) - rows, rows)
+    cols = np.where(cols >= rw, 2 * (rw - 1) - cols, cols)
+    return rh, rw, rows, cols
+
+
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
     """RandomResizedCrop (torchvision's parameters: ``scale`` of the area, ``ratio``) then a
     horizontal flip with p = 0.5 (``flip``), to (H, W, 3) uint8. ``stream`` separates the
-    draws of several views decoded from the same sample."""
+    draws of several views decoded from the same sample. ``style="pad"``: instead of the
+    random resized crop, Resize(short side) + RandomCrop(padding, reflect) (LUT's views)."""
 
     def __init__(self, output_size: tuple[int, int], scale: Sequence[float] = (0.08, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, seed: int = 0,
-                 stream: int = 0) -> None:
+                 stream: int = 0, style: str = "resized", padding: int = 4) -> None:
         super().__init__(output_size)
+        if style not in ("resized", "pad") or padding < 0:
+            raise ValueError(f"crop style {style!r} with padding {padding}: 'resized', or 'pad' with padding >= 0")
         self.scale, self.ratio = np.array(scale, dtype=np.float64), np.array(ratio, dtype=np.float64)
         self.flip, self.seed, self.stream = flip, int(seed), int(stream)
+        self.pad, self.padding = style == "pad", int(padding)
         self.token = next(_TOKENS)
         _EPOCHS[self.token] = 0
 
@@ -100,7 +122,9 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         get_crop_c, mix = Compiler.compile(get_random_crop), Compiler.compile(_mix)
+        pad_window_c = Compiler.compile(pad_crop_window)
         scale, ratio, flip, token, stream = self.scale, self.ratio, self.flip, self.token, self.stream
+        pad, padding, size = self.pad, self.padding, self.output_size[0]
         base = _mix(0, self.seed)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -120,8 +144,14 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                     image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
                 else:
                     image = data.reshape(height, width, 3)
-                i, j, h, w = get_crop_c(height, width, scale, ratio)
-                resize_crop_c(image, i, i + h, j, j + w, destination[k])
+                if pad:        # whole image resized, then a reflect-padded window of it
+                    rh, rw, rows, cols = pad_window_c(height, width, size, padding)
+                    resized = np.empty((rh, rw, 3), dtype=np.uint8)
+                    resize_crop_c(image, 0, height, 0, width, resized)
+                    destination[k] = resized[rows][:, cols]
+                else:
+                    i, j, h, w = get_crop_c(height, width, scale, ratio)
+                    resize_crop_c(image, i, i + h, j, j + w, destination[k])
                 if flip and np.random.rand() < 0.5:
                     destination[k] = destination[k][:, ::-1].copy()
             return destination[:len(batch_indices)]
@@ -181,14 +211,18 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
                  crop_scale: Sequence[float] = (0.2, 1.0), hflip: bool = True,
                  eval_crop_ratio: float = 1.0, num_workers: int = 2, distributed: bool = False,
                  max_samples: int = 0, device: torch.device | str = "cpu",
-                 extra_views: Sequence[str] = (), crop: str = "seeded") -> Loader:
+                 extra_views: Sequence[str] = (), crop: str = "seeded", train_crop: str = "resized",
+                 crop_padding: int = 4) -> Loader:
     """A train loader (random order, RandomResizedCrop + flip, drop_last) or an eval loader
     (sequential, center crop). ``distributed`` shards with torch.distributed's rank/world.
     ``crop="stock"``: FFCV's own crop and flip decoders instead of the seeded ones (not exactly
-    resumable; benchmarks/loader_throughput.py measures what the seeding costs)."""
+    resumable; benchmarks/loader_throughput.py measures what the seeding costs).
+    ``train_crop="pad"``: every train view is Resize + RandomCrop(``crop_padding``, reflect)
+    + flip instead of RandomResizedCrop (LUT's recipe)."""
     check_views(extra_views)
-    if crop not in ("seeded", "stock") or (crop == "stock" and extra_views):
-        raise ValueError(f"crop={crop!r}: 'seeded', or 'stock' without extra views")
+    if crop not in ("seeded", "stock") or (crop == "stock" and (extra_views or train_crop != "resized")):
+        raise ValueError(f"crop={crop!r}: 'seeded', or 'stock' without extra views and resized crops")
+    style = dict(style=train_crop, padding=crop_padding)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file not found: {path} (convert it with data_prep/)")
     device = torch.device(device)
@@ -197,7 +231,7 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
         decoder = RandomResizedCropRGBImageDecoder((img_size, img_size), scale=tuple(crop_scale))
         flips = [RandomHorizontalFlip()] if hflip else []
     elif train:    # stream 0; extra views 1, 2, ...: independent crops of the same sample
-        decoder = SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip, seed=seed)
+        decoder = SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip, seed=seed, **style)
     else:
         decoder = CenterCropRGBImageDecoder((img_size, img_size), ratio=eval_crop_ratio)
     label_ops = [IntDecoder(), ToTensor(), Squeeze()]
@@ -210,7 +244,7 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
     decoders = [decoder] if train and crop == "seeded" else []
     for stream, name in enumerate(extra_views, start=1):   # the same field decoded again
         decoders.append(SeededRandomResizedCrop((img_size, img_size), crop_scale, flip=hflip,
-                                                seed=seed, stream=stream))
+                                                seed=seed, stream=stream, **style))
         ops = [ToTensor()] + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
         pipelines[name] = PipelineSpec("image", decoder=decoders[-1], transforms=ops + [ToTorchImage()])
     loader = Loader(path, batch_size=batch_size, num_workers=num_workers,

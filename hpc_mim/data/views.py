@@ -60,20 +60,38 @@ def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Te
     return y.view(b, c, h, w)
 
 
+def color_jitter(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter(0.4, 0.4, 0.2, 0.1) on each image of x (B, 3, H, W) in [0, 1]:
+    every image draws its four factors and its own order of the four ops (torchvision permutes
+    them per call). Batched: in each of 4 rounds every op runs on the whole batch and each
+    image keeps the one its order names -- 16 cheap elementwise passes, no per-image loop."""
+    b, dev = x.shape[0], x.device
+    bright, contrast, sat = (_per_sample(b, 1 - a, 1 + a, dev) for a in (0.4, 0.4, 0.2))
+    hue = torch.empty(b, device=dev).uniform_(-0.1, 0.1)
+
+    def contrast_op(y: torch.Tensor) -> torch.Tensor:
+        mean = _grayscale(y).mean(dim=(1, 2, 3), keepdim=True)
+        return (mean + (y - mean) * contrast).clamp(0, 1)
+
+    ops = (lambda y: (y * bright).clamp(0, 1), contrast_op,
+           lambda y: (_grayscale(y) + (y - _grayscale(y)) * sat).clamp(0, 1),
+           lambda y: shift_hue(y, hue))
+    order = torch.argsort(torch.rand(b, 4, device=dev), dim=1)               # (B, 4) a permutation each
+    for r in range(4):
+        which = order[:, r].view(b, 1, 1, 1)
+        x = sum(torch.where(which == k, op(x), 0.0) for k, op in enumerate(ops))
+    return x
+
+
 def strong_color(x: torch.Tensor) -> torch.Tensor:
-    """LUT's view 2 (arXiv 2310.13593) on images in [0, 1], (B, 3, H, W): with p = 0.8 colour
-    jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in that order), then exactly
-    one of grayscale, solarize (threshold 0.5) or Gaussian blur (sigma U(0.1, 2), kernel ~10%
-    of the side), each sample drawing its own parameters. Whole-batch tensor ops only: no
-    host sync, no per-sample Python loop."""
+    """LUT's view 2 (arXiv 2310.13593; naver-ai/lut main_lut.py) on images in [0, 1], (B, 3,
+    H, W): with p = 0.8 ``color_jitter`` (brightness 0.4, contrast 0.4, saturation 0.2, hue
+    0.1, in a random order), then exactly one of grayscale, solarize (threshold 0.5: PIL's 128)
+    or Gaussian blur (sigma U(0.1, 2), kernel ~10% of the side), each sample drawing its own
+    parameters. Whole-batch tensor ops only: no host sync, no per-sample Python loop."""
     b, dev = x.shape[0], x.device
     jitter = (torch.rand(b, 1, 1, 1, device=dev) < 0.8).to(x)
-    y = x * _per_sample(b, 0.6, 1.4, dev)                                    # brightness
-    mean = _grayscale(y).mean(dim=(1, 2, 3), keepdim=True)
-    y = (mean + (y - mean) * _per_sample(b, 0.6, 1.4, dev)).clamp(0, 1)      # contrast
-    y = (_grayscale(y) + (y - _grayscale(y)) * _per_sample(b, 0.8, 1.2, dev)).clamp(0, 1)
-    y = shift_hue(y, torch.empty(b, device=dev).uniform_(-0.1, 0.1))         # hue
-    x = jitter * y + (1 - jitter) * x
+    x = jitter * color_jitter(x) + (1 - jitter) * x
 
     choice = torch.randint(0, 3, (b,), device=dev).view(b, 1, 1, 1)
     kernel = max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1)

@@ -28,12 +28,24 @@ def cosine_momentum(base: float, progress: float) -> float:
 
 class EMATeacher(nn.Module):
     """Frozen copies of the named student modules, updated after every optimizer step as
-    ``teacher = m * teacher + (1 - m) * student``. ``teacher["encoder"]`` is a copy."""
+    ``teacher = m * teacher + (1 - m) * student``. ``teacher["encoder"]`` is a copy.
+
+    The copies are always in eval mode, as timm's ``ModelEma`` keeps the authors' teachers
+    (naver-ai/lut ``util/model_ema_sched.py``): a BatchNorm in a teacher normalises with its
+    running statistics, never with the batch's, and drop path / dropout are off. Those running
+    statistics (float buffers) follow the student's by the same EMA as the weights, as
+    ``ModelEma`` averages the whole state dict; integer buffers (batch counters) are copied."""
 
     def __init__(self, **students: nn.Module) -> None:
         super().__init__()
         self.copies = nn.ModuleDict({k: copy.deepcopy(v) for k, v in students.items()})
         self.copies.requires_grad_(False)
+        self.copies.eval()
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        super().train(mode)
+        self.copies.eval()              # method.train() must not put the teacher in train mode
+        return self
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.copies[name]
@@ -56,4 +68,7 @@ class EMATeacher(nn.Module):
             # t + (1 - m)(s - t) = m t + (1 - m) s, one fused kernel per dtype/device group
             torch._foreach_lerp_(t_params, [s.detach().float() for s in s_params], 1.0 - momentum)
             for t, s in zip(teacher.buffers(), student.buffers()):
-                t.copy_(s)               # e.g. BatchNorm running statistics follow the student
+                if t.is_floating_point():            # BatchNorm running mean / var
+                    t.lerp_(s.to(t.dtype), 1.0 - momentum)
+                else:                                # num_batches_tracked
+                    t.copy_(s)

@@ -14,8 +14,9 @@ Reference code: yibingwei-1/LatentMIM. What it computes (shared/methods.md):
 5. Cross-attention decoder with visual cues (models/cross_decoder.py) predicts the targets.
 6. Loss: patch discrimination InfoNCE within each image (``patch_discrimination_loss``), plus
    the optional similarity regulariser ``c * (avgsim(pred) - s)^2 + c * (avgsim(vis) - s)^2``
-   with s going 0.75 -> 0.25 by a cosine; avgsim is the mean pairwise cosine similarity of an
-   image's tokens (off-diagonal), ``vis`` the projected visible tokens.
+   with s going 0.75 -> 0.25 by a cosine; avgsim is the mean of an image's full token cosine
+   matrix, each token's similarity with itself included, as the authors' ``avg_pairwise_sim``
+   (so with T tokens avgsim >= 1/T, not 0); ``vis`` the projected visible patch tokens.
 """
 from __future__ import annotations
 
@@ -50,11 +51,12 @@ def patch_discrimination_loss(pred: torch.Tensor, target: torch.Tensor, tau: flo
 
 
 def mean_pairwise_similarity(x: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity between distinct tokens of each image, averaged: x (N, T, D)."""
+    """Mean of the (N, T, T) cosine matrices of x (N, T, D), diagonal included: the authors'
+    ``avg_pairwise_sim`` (yibingwei-1/LatentMIM models_lmim.py). The diagonal of ones raises an
+    off-diagonal mean m to m + (1 - m) / T (up to 0.05 with ViT-B's 20 visible tokens), and
+    the regulariser's target s is meant on this scale. fp32 whatever the input."""
     x = F.normalize(x.float(), dim=-1)
-    sim = x @ x.transpose(1, 2)                                              # (N, T, T)
-    t = x.shape[1]
-    return (sim.sum(dim=(1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (t * (t - 1))
+    return torch.einsum("npd,nqd->npq", x, x).mean()
 
 
 class LatentMIM(MIMMethod):

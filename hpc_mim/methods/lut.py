@@ -3,15 +3,20 @@ arXiv 2310.13593). Reference code: naver-ai/lut (built on facebookresearch/mae).
 
 What it computes (shared/methods.md):
 
-1. Two views of each image: view 1 = crop + flip, view 2 = crop + flip + colour jitter
-   (p 0.8) + one of grayscale / solarize / blur (``extra_views = ("strong_color",)``).
+1. Two views of each image, as the authors' ``TwoGlobalViewAugmentation`` (main_lut.py): each
+   view its own Resize(short side) + RandomCrop(padding 4, reflect) + flip (``data.crop:
+   pad`` in configs/methods/lut.yaml; not MAE's RandomResizedCrop); view 2 adds colour jitter
+   (p 0.8, the four ops in a random order) + one of grayscale / solarize / blur
+   (``extra_views = ("strong_color",)``, hpc_mim/data/views.py).
 2. One shuffle per sample masks both views: view 1 keeps ``ids[:, :K]``, view 2 keeps
    ``ids[:, K:2K]`` -- disjoint 25% visible sets (needs mask_ratio >= 0.5).
 3. MAE branch on view 1: decoder reconstructs its masked patches (norm_pix MSE).
-4. Teacher = EMA of the student encoder + projector (momentum cosine 0.996 -> 1), encodes both
-   views unmasked. Projector and predictor: 2-layer MLPs D -> H -> D with BatchNorm synced
+4. Teacher = EMA of the student encoder + projector (momentum cosine 0.996 -> 1), in eval mode
+   (its BatchNorm uses running statistics, EMA'd from the student's; methods/ema.py), encodes
+   both views unmasked. Projector and predictor: 2-layer MLPs D -> H -> D with BatchNorm synced
    across ranks and ReLU, no bias.
-5. ``student_v = predictor(projector(mean of view v's visible patch tokens))``,
+5. ``student_v = predictor(projector(mean of view v's visible patch tokens))``, each view
+   through the heads on its own (its own batch statistics, as the authors' model),
    ``teacher_v = projector_ema(mean of view v's patch tokens)``;
    ``L = L_mae(view 1) + 0.25 * mean over (v, v'), v != v' of (2 - 2 cos(student_v, sg(teacher_v')))``.
 """
@@ -79,13 +84,12 @@ class LUT(MIMMethod):
             target = norm_pix(target)
         mae_loss = masked_mse(pred, target, m1.mask)
 
-        # both views in one batch through each head: BatchNorm statistics over 2B samples
-        pooled = torch.cat([z[:, 1:].mean(dim=1) for z in latents])          # (2B, D)
-        students = self.predictor(self.projector(pooled)).chunk(2)
-        with torch.no_grad():
-            full = torch.cat([self.teacher["encoder"](v)[:, 1:].mean(dim=1) for v in views])
-            teachers = self.teacher["projector"](full).chunk(2)
-        cv = cross_view_loss(list(students), list(teachers))
+        # each view through the heads on its own: BatchNorm statistics per view (B samples)
+        students = [self.predictor(self.projector(z[:, 1:].mean(dim=1))) for z in latents]  # (B, D)
+        with torch.no_grad():                # eval mode: running statistics (methods/ema.py)
+            teachers = [self.teacher["projector"](self.teacher["encoder"](v)[:, 1:].mean(dim=1))
+                        for v in views]
+        cv = cross_view_loss(students, teachers)
         return {"loss": mae_loss + self.weight * cv, "mae_loss": mae_loss, "cross_view_loss": cv}
 
     @torch.no_grad()

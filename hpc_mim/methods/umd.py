@@ -2,25 +2,35 @@
 
 Reference code: philippe-eecs/small-vision (JAX). What it computes (shared/methods.md):
 
-1. Each batch is split: the first ``round(B * no_noise_prob)`` samples are clean (t = 0) and
+1. Each batch is split: the first ``int(B * no_noise_prob)`` samples are clean (t = 0) and
    masked at ``method.mask_ratio`` (0.75); the rest get ``t ~ U{0..T-1}``,
    ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` (cosine schedule, T = 1000) and are masked at
    ``noised_mask_ratio`` (0.375). The model is told ``t + 1``, so timestep 0 means clean --
-   which is how evaluations run the exported encoder.
+   which is how evaluations run the exported encoder. (A fixed count per batch, floored, as the
+   authors' ``train_ae.py`` does.)
 2. Encoder and decoder are conditioned on the timestep by AdaLN; the encoder has 4 cls tokens
-   whose mean is the representation (``pooling: cls``).
+   whose mean is the representation (``pooling: cls``) and the decoder's one prefix token
+   (the authors' ``decode(rep, ...)``): the decoder sees the mean, not the 4 tokens.
 3. Dual prediction: the decoder outputs 2 x p*p*C per patch, (x0, eps).
    Clean samples: ``mae_loss`` = MSE of x0 on masked pixels. Noised samples: ``eps_loss`` = MSE
    of eps on visible pixels, ``x0_loss`` = MSE of x0 on masked pixels, ``dit_loss = (eps_loss
-   + x0_loss) / 2`` (a term with no pixels to cover, e.g. x0 with mask 0, counts as 0).
+   + x0_loss) / 2``. With ``noised_mask_ratio: 0`` nothing is masked and, as in the authors'
+   code, both errors are means over every patch (the DiT ablation): ``dit_loss = (mean eps
+   error + mean x0 error) / 2``.
 4. ``loss = dit_loss * (1 - r) + mae_loss * r`` with r the clean fraction of the batch.
 5. Gradient clipping 1.0 is ``train.clip_grad`` in configs/methods/umd.yaml.
 
-Choices where the reference differs from this pipeline, documented: the split is a fixed count
-per batch rather than a coin per sample (same expectation, no empty halves); pixels are the
-loader's per-channel standardised values (mean 0, std 1) rather than [-1, 1], i.e. the same
-unit scale the noise schedule assumes, without norm_pix. Variants by config: MAE
-(no_noise_prob 1), DiT (no_noise_prob 0, noised_mask_ratio 0), MaskDiT (noised_mask_ratio 0.5).
+Where this departs from the authors' code, on purpose:
+- Pixels: the loader's per-channel standardised values (mean 0, std 1), the unit scale the
+  noise schedule assumes, rather than the authors' [-1, 1] (mean 0.5, std 0.5: it differs by a
+  per-channel affine map). ``data.normalize: symmetric`` gives the authors' [-1, 1] (pre-training
+  and, from the run's config, every evaluation of it).
+- Position embeddings are fixed 2-D sin-cos (encoder and decoder), as for every method here
+  and what the evaluations' resolution changes interpolate; the authors learn them.
+- The decoder keeps a linear input projection only when ``method.decoder_dim`` differs from the
+  encoder's width; at the paper's width (768) it is the identity, as in the authors' code.
+Variants by config: MAE (no_noise_prob 1), DiT (no_noise_prob 0, noised_mask_ratio 0),
+MaskDiT (noised_mask_ratio 0.5).
 """
 from __future__ import annotations
 
@@ -47,22 +57,27 @@ class UMD(MIMMethod):
         self.patch_dim = p * p * self.encoder.patch_embed.proj.in_channels
         self.decoder = MAEDecoder(self.encoder.grid, d, method_cfg.decoder_dim, method_cfg.decoder_depth,
                                   method_cfg.decoder_heads, out_dim=2 * self.patch_dim,
-                                  num_prefix=o.num_cls_tokens, timestep_cond=True)
+                                  num_prefix=1, timestep_cond=True,
+                                  input_proj=method_cfg.decoder_dim != d)
         # float64 (alpha_bar near 1 must not round to 1), on the training device, not saved
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.diffusion_steps), persistent=False)
         self.clean_ratio, self.noised_ratio = method_cfg.mask_ratio, o.noised_mask_ratio
         self.no_noise_prob, self.steps = o.no_noise_prob, o.diffusion_steps
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, mask_ratio: float):
-        """Masked encode/decode at timesteps t (B,): ((x0, eps) predictions (B, L, P) each, mask)."""
+        """Masked encode/decode at timesteps t (B,): ((x0, eps) predictions (B, L, P) each, mask
+        (B, L) with 1 = hidden). The decoder's prefix is the mean of the P cls tokens."""
         m = random_masking(x.shape[0], self.encoder.num_patches, mask_ratio, x.device)
-        out = self.decoder(self.encoder(x, m.ids_keep, t), m.ids_restore, t)  # (B, L, 2P)
+        z = self.encoder(x, m.ids_keep, t)                                  # (B, P+K, D)
+        p = self.encoder.num_prefix
+        z = torch.cat([z[:, :p].mean(dim=1, keepdim=True), z[:, p:]], dim=1)  # (B, 1+K, D)
+        out = self.decoder(z, m.ids_restore, t)                              # (B, L, 2P)
         return out[..., :self.patch_dim], out[..., self.patch_dim:], m.mask.to(out.dtype)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x0 = batch["image"]                                                  # (B, C, H, W)
         b, p = x0.shape[0], self.encoder.patch_size
-        n_clean = round(b * self.no_noise_prob)
+        n_clean = int(b * self.no_noise_prob)
         zero = x0.sum() * 0
         mae_loss = dit_loss = x0_loss = eps_loss = zero
         if n_clean:
@@ -75,7 +90,9 @@ class UMD(MIMMethod):
             t = torch.randint(0, self.steps, (b - n_clean,), device=x0.device)
             xt, eps = add_noise(x, self.alphas_cumprod[t])
             pred_x0, pred_eps, mask = self.predict(xt, t + 1, self.noised_ratio)
-            x0_loss = masked_mse(pred_x0, patchify(x, p), mask)          # 0 when nothing is masked
+            # ratio 0 (DiT): no mask, so the x0 error counts over every patch, like eps's
+            hidden = mask if self.noised_ratio > 0 else torch.ones_like(mask)
+            x0_loss = masked_mse(pred_x0, patchify(x, p), hidden)
             eps_loss = masked_mse(pred_eps, patchify(eps, p), 1 - mask)
             dit_loss = (eps_loss + x0_loss) / 2
         r = n_clean / b

@@ -23,10 +23,13 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, grid: tuple[int, int], encoder_dim: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, out_dim: int = 768, mlp_ratio: float = 4.0,
-                 num_prefix: int = 1, timestep_cond: bool = False) -> None:
+                 num_prefix: int = 1, timestep_cond: bool = False, input_proj: bool = True) -> None:
         super().__init__()
         self.num_prefix = num_prefix
-        self.embed = nn.Linear(encoder_dim, dim)
+        # input_proj=False (UMD at the encoder's width, as its authors): tokens go in unprojected
+        if not input_proj and encoder_dim != dim:
+            raise ValueError(f"decoder without input projection needs dim == encoder_dim, got {dim} vs {encoder_dim}")
+        self.embed = nn.Linear(encoder_dim, dim) if input_proj else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, dim, num_prefix), persistent=False)
         norm = partial(nn.LayerNorm, eps=1e-6)

@@ -91,6 +91,7 @@ class Trainer:
         self.loader = build_loader(
             info["train"], t.micro_batch_size, self.method.input_size, info["mean"], info["std"],
             train=True, seed=t.seed, crop_scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+            train_crop=cfg.data.crop, crop_padding=cfg.data.crop_padding,
             num_workers=cfg.data.num_workers, distributed=self.env.world_size > 1,
             max_samples=cfg.data.max_train_samples, device=self.device,
             extra_views=self.method.extra_views)

@@ -40,13 +40,17 @@ def test_patch_discrimination_rewards_matching_patches():
     assert perfect < 0.2 < shuffled
 
 
-def test_similarity_regulariser_average_is_off_diagonal():
+def test_similarity_regulariser_averages_the_full_matrix_with_the_diagonal():
+    """The authors' avg_pairwise_sim: mean over all (i, j) pairs of an image's tokens, i == j
+    included (the previous off-diagonal mean differs by (1 - offdiag) / T)."""
     x = torch.randn(2, 5, 4)
     expected = 0.0
     for n in range(2):
         u = x[n] / x[n].norm(dim=-1, keepdim=True)
-        expected += sum((u[i] @ u[j]).item() for i in range(5) for j in range(5) if i != j) / 20
+        expected += sum((u[i] @ u[j]).item() for i in range(5) for j in range(5)) / 25
     assert abs(mean_pairwise_similarity(x).item() - expected / 2) < 1e-6
+    # one token per image: its similarity with itself is all there is
+    assert abs(mean_pairwise_similarity(torch.randn(3, 1, 4)).item() - 1.0) < 1e-6
 
 
 def test_target_encoder_sees_only_the_target_patches_and_online_only_visible():

@@ -66,3 +66,47 @@ def test_heads_are_bias_free_two_layer_mlps_with_batchnorm():
     assert len(linears) == 2 and all(m.bias is None for m in linears)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in method.predictor)
     assert any(isinstance(m, torch.nn.ReLU) for m in method.projector)
+
+
+def test_teacher_is_in_eval_mode_and_normalises_with_running_statistics():
+    """As the authors' ModelEma teacher: eval mode even while the method trains, so its
+    BatchNorm uses running statistics (a sample's target does not depend on its batch)."""
+    method, _ = make()
+    method.train()
+    assert not any(m.training for m in method.teacher.copies.modules())
+    proj = method.teacher["projector"]
+    bn = next(m for m in proj if isinstance(m, torch.nn.BatchNorm1d))
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    seen = {}
+    proj.register_forward_hook(lambda m, a, o: seen.setdefault("io", []).append((a[0], o)))
+    method({"image": torch.randn(4, 3, 28, 28), "strong_color": torch.randn(4, 3, 28, 28)})
+    for x, out in seen["io"]:                    # Linear -> BN(running stats) -> ReLU -> Linear
+        h = x @ proj[0].weight.T
+        h = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        assert torch.allclose(out, torch.relu(h) @ proj[3].weight.T, atol=1e-5)
+
+
+def test_teacher_running_statistics_follow_the_students_by_the_ema():
+    method, _ = make()
+    s_bn = next(m for m in method.projector if isinstance(m, torch.nn.BatchNorm1d))
+    t_bn = next(m for m in method.teacher["projector"] if isinstance(m, torch.nn.BatchNorm1d))
+    with torch.no_grad():
+        s_bn.running_mean.fill_(1.0)
+        s_bn.num_batches_tracked.fill_(7)
+    method.on_optimizer_step(0.0)                 # m = 0.996
+    assert torch.allclose(t_bn.running_mean, torch.full_like(t_bn.running_mean, 0.004), atol=1e-7)
+    assert t_bn.num_batches_tracked.item() == 7
+
+
+def test_each_view_goes_through_the_heads_on_its_own():
+    """The authors run the heads per view (batch statistics over B samples each), not the two
+    views as one batch of 2B."""
+    method, _ = make()
+    batches = []
+    method.predictor.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    method.projector.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    method.train()
+    method({"image": torch.randn(4, 3, 28, 28), "strong_color": torch.randn(4, 3, 28, 28)})
+    assert batches == [4, 4, 4, 4]

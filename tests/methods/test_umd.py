@@ -105,3 +105,49 @@ def test_timestep_conditioning_changes_the_encoding():
     assert torch.equal(t0, method.encoder(x, t=torch.zeros(2, dtype=torch.long)))  # default t = 0
     assert not torch.allclose(t0, method.encoder(x, t=torch.full((2,), 500)))
 
+
+
+def test_dit_variant_without_mask_averages_both_errors_over_every_patch(monkeypatch):
+    """noised_mask_ratio 0, no_noise_prob 0 (the paper's DiT ablation): as in the authors'
+    train_ae.py, no mask, dit_loss = (mean eps error + mean x0 error) / 2 over all pixels
+    (it used to drop the x0 term and halve the eps error)."""
+    cfg = load_config("umd", "smoke", overrides=["method.umd.noised_mask_ratio=0",
+                                                 "method.umd.no_noise_prob=0"])
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.method)
+    rec = {}
+    real_noise = umd_module.add_noise
+
+    def noise(x0, alpha_bar):
+        xt, eps = real_noise(x0, alpha_bar)
+        rec["eps"] = eps
+        return xt, eps
+
+    monkeypatch.setattr(umd_module, "add_noise", noise)
+    method.decoder.register_forward_hook(lambda m, a, o: rec.update(dec=o))
+    x0 = torch.randn(4, 3, 28, 28)
+    out = method({"image": x0})
+    p, c, g, P = 4, 3, 7, 48
+    x0_err = ((to_image(rec["dec"][..., :P], p, c, g) - x0) ** 2).mean()
+    eps_err = ((to_image(rec["dec"][..., P:], p, c, g) - rec["eps"]) ** 2).mean()
+    assert x0_err > 0.1                                   # a real term, not a zero
+    for key, value in (("x0_loss", x0_err), ("eps_loss", eps_err),
+                       ("dit_loss", (x0_err + eps_err) / 2), ("loss", (x0_err + eps_err) / 2)):
+        assert math.isclose(out[key].item(), value.item(), rel_tol=1e-5), key
+
+
+def test_decoder_gets_the_mean_of_the_cls_tokens_as_its_one_prefix_token():
+    """The authors' decode(rep, ...): rep = mean of the 4 cls tokens, one token in front of
+    the patches; at the encoder's width the decoder has no input projection."""
+    cfg = load_config("umd", "smoke")
+    method = build_method(cfg.model, cfg.method).eval()
+    seen = {}
+    method.encoder.register_forward_hook(lambda m, a, o: seen.update(enc=o))
+    method.decoder.register_forward_hook(lambda m, a, o: seen.update(dec_in=a[0]))
+    method({"image": torch.randn(2, 3, 28, 28)})
+    enc, dec_in = seen["enc"], seen["dec_in"]
+    assert enc.shape[1] == 4 + dec_in.shape[1] - 1                   # 4 cls -> 1 prefix token
+    assert torch.allclose(dec_in[:, 0], enc[:, :4].mean(1), atol=1e-6)
+    assert torch.equal(dec_in[:, 1:], enc[:, 4:])
+    assert isinstance(method.decoder.embed, torch.nn.Identity)      # decoder_dim == embed_dim
+    assert method.decoder.pos_embed.shape[1] == 1 + 49
