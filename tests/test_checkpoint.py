@@ -253,3 +253,58 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_latest(tmp_path, data_ro
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step_00000004 at step 4" in again.stdout
     assert not list(run.checkpoints.glob("*.tmp"))
+
+
+KILL_AT_EACH_POINT = """
+import os, shutil, signal, sys
+from pathlib import Path
+import torch
+from hpc_mim.train import checkpoint as ck
+point, folder = int(sys.argv[1]), Path(sys.argv[2])
+count = [0]
+def deadly(real):
+    def wrapped(*args, **kwargs):
+        if count[0] == point:
+            os.kill(os.getpid(), signal.SIGKILL)   # dies before this filesystem change
+        count[0] += 1
+        return real(*args, **kwargs)
+    return wrapped
+ck.fsync_path = deadly(ck.fsync_path)
+ck.atomic_write_text = deadly(ck.atomic_write_text)
+ck.shutil.rmtree = deadly(shutil.rmtree)
+Path.rename = deadly(Path.rename)
+def save(folder, tag):
+    (folder / tag).mkdir()
+    torch.save({"step": 7, "version": "new"}, folder / tag / "state.pt")
+ck.CheckpointManager(folder, keep_last=1).save(7, save)
+print("completed")
+"""
+
+
+def test_resaving_a_step_leaves_a_loadable_latest_whatever_point_a_kill_hits(tmp_path):
+    """A job resumed exactly at step_7 and stopped before its next step saves step 7 again.
+    SIGKILL before each filesystem change of that save (rename, fsync, pointer, pruning) must
+    leave ``latest`` naming a complete checkpoint of step 7 (the old one deleted first, as
+    before, left it naming nothing)."""
+    import shutil as sh
+    point, versions = 0, set()
+    while True:
+        folder = tmp_path / f"kill{point}"
+        mgr = CheckpointManager(folder, keep_last=1)
+        mgr.save(7, torch_save_fn({"step": 7, "version": "old"}))
+        r = subprocess.run([sys.executable, "-c", KILL_AT_EACH_POINT, str(point), str(folder)],
+                           capture_output=True, text=True, timeout=120)
+        state = mgr.load(load_fn)
+        assert state is not None and state["step"] == 7, (point, r.stderr[-500:], list(folder.iterdir()))
+        versions.add(state["version"])
+        if "completed" in r.stdout:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+        point += 1
+        sh.rmtree(folder)
+    assert point >= 3 and versions == {"old", "new"}         # several points, both outcomes
+    assert mgr.latest() == "step_00000007-1"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000007-1"]  # old pruned
+    mgr.save(7, torch_save_fn({"step": 7, "version": "newer"}))   # and again: a free name
+    assert mgr.latest() == "step_00000007" and mgr.load(load_fn)["version"] == "newer"
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000007"]

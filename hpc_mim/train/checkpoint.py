@@ -1,10 +1,14 @@
 """Atomic, resumable checkpoints: ``step_<n>/`` folders and a ``latest`` pointer written last.
 
 A checkpoint is first written under ``step_<n>.tmp`` by every rank (DeepSpeed shards + one RNG
-file per rank) and fsynced, then rank 0 renames it to ``step_<n>`` and atomically rewrites
-``latest`` (temporary file, fsync, rename). A crash or kill at any point leaves ``latest``
-naming a complete folder (or no ``latest`` at all); stale ``.tmp`` folders are removed on the
-next save. Only the newest ``keep_last`` are kept, and never the one ``latest`` names.
+file per rank) and fsynced, then rank 0 renames it to a name no folder has yet and atomically
+rewrites ``latest`` (temporary file, fsync, rename). A step saved again (a job resumed exactly
+at its checkpoint and stopped before the next step) is published as ``step_<n>-1``, ``-2``, ...
+next to the old one, never over it: deleting ``step_<n>`` first would leave ``latest`` naming
+nothing if the job were killed before the rename. So a crash or kill at any point leaves
+``latest`` naming a complete folder (or no ``latest`` at all); stale ``.tmp`` folders are
+removed on the next save. Only the newest ``keep_last`` are kept, and never the one ``latest``
+names.
 """
 from __future__ import annotations
 
@@ -47,6 +51,24 @@ class CheckpointManager:
     def tag(step: int) -> str:
         return f"step_{step:08d}"
 
+    def _published(self) -> list[str]:
+        """Complete checkpoint folders, oldest first: by step, and of one step's versions the
+        one ``latest`` names last (it is the newest)."""
+        current = self.latest()
+
+        def order(name: str) -> tuple[str, bool, int]:
+            base, _, version = name.partition("-")
+            return base, name == current, int(version or 0)
+        return sorted((p.name for p in self.folder.glob("step_*")
+                       if p.is_dir() and not p.name.endswith(".tmp")), key=order)
+
+    def _free_name(self, tag: str) -> str:
+        name, version = tag, 0
+        while (self.folder / name).exists():
+            version += 1
+            name = f"{tag}-{version}"
+        return name
+
     def latest(self) -> str | None:
         """Tag named by ``latest`` if that folder exists, else None."""
         pointer = self.folder / "latest"
@@ -65,22 +87,22 @@ class CheckpointManager:
         save_fn(self.folder, tmp)
         fsync_tree(self.folder / tmp)       # each rank: its shards reach the disk, not a cache
         self.barrier()                      # every shard is on disk before we publish
+        name = tag                          # what rank 0 publishes; the others only log it
         if self.is_main:
-            final = self.folder / tag
-            if final.exists():              # re-saving a step after a resume
-                shutil.rmtree(final)
-            (self.folder / tmp).rename(final)
+            name = self._free_name(tag)     # step_<n>-1 if step_<n> exists: never delete first
+            (self.folder / tmp).rename(self.folder / name)
             fsync_path(self.folder)         # the rename itself is durable before `latest` names it
-            atomic_write_text(self.folder / "latest", tag)
+            atomic_write_text(self.folder / "latest", name)
             self._prune()
         self.barrier()
-        return tag
+        return name
 
     def load(self, load_fn: LoadFn) -> Any | None:
         tag = self.latest()
         return None if tag is None else load_fn(self.folder, tag)
 
     def _prune(self) -> None:
-        tags = sorted(p.name for p in self.folder.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in tags[:-self.keep_last]:
-            shutil.rmtree(self.folder / old, ignore_errors=True)
+        current = self.latest()
+        for old in self._published()[:-self.keep_last]:
+            if old != current:
+                shutil.rmtree(self.folder / old, ignore_errors=True)
