@@ -10,8 +10,11 @@ configs/datasets.yaml so configs can name it.
 Every file is decoded once before writing (in ``--workers`` processes): broken ones (empty,
 corrupt, truncated, too small, decompression bombs) are skipped and listed with the reason in
 the manifest and on stdout; CMYK, grayscale, palette, alpha and 16-bit images are converted to
-RGB (data_prep/images.py). The exit code is 1 only when more than ``--max-bad-fraction`` of a
-split was skipped (the files are still written, so one can look).
+RGB (data_prep/images.py). The exit code is 1 when more than ``--max-bad-fraction`` of a
+split was skipped (the files are still written, so one can look), or when writing fails (the
+file it failed on is named; FFCV's writer alone would hang). Images are stored at their size
+(or ``--max-resolution``): the FFCV page size is chosen to hold the largest one, and the
+manifest records it (``page_size``, ``largest_image``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,11 +50,16 @@ def scan(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path,
 class ImageFolderSamples:
     """Indexable dataset for the FFCV writer: RGB uint8 (H, W, 3), int label."""
 
-    def __init__(self, samples: list[tuple[Path, int]]) -> None:
-        self.samples = samples
+    def __init__(self, samples: list[tuple[Path, int]], root: Path | None = None) -> None:
+        self.samples, self.root = samples, root
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def describe(self, i: int) -> str:
+        """The file behind sample i (named when the writer fails on it)."""
+        path = self.samples[i][0]
+        return str(path.relative_to(self.root) if self.root else path)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
@@ -62,18 +71,21 @@ class TooManyBadImages(ValueError):
 
 
 def screen(samples: list[tuple[Path, int]], root: Path, num_workers: int, min_size: int,
-           max_pixels: int) -> tuple[list[tuple[Path, int]], list[dict[str, str]]]:
-    """(samples that decode, [{"file", "reason"}] of those skipped), in the original order."""
-    check = partial(images.check, min_size=min_size, max_pixels=max_pixels)
+           max_pixels: int) -> tuple[list[tuple[Path, int]], list[dict[str, str]], dict[str, Any]]:
+    """(samples that decode, [{"file", "reason"}] of those skipped, the largest good image
+    {"file", "width", "height"}), in the original order."""
+    inspect = partial(images.inspect, min_size=min_size, max_pixels=max_pixels)
     paths = [p for p, _ in samples]
     if num_workers > 1:
         with Pool(num_workers) as pool:
-            reasons = pool.map(check, paths, chunksize=64)
+            results = pool.map(inspect, paths, chunksize=64)
     else:
-        reasons = [check(p) for p in paths]
-    good = [s for s, r in zip(samples, reasons) if r is None]
-    skipped = [{"file": str(p.relative_to(root)), "reason": r} for p, r in zip(paths, reasons) if r]
-    return good, skipped
+        results = [inspect(p) for p in paths]
+    good = [s for s, (r, _) in zip(samples, results) if r is None]
+    skipped = [{"file": str(p.relative_to(root)), "reason": r} for p, (r, _) in zip(paths, results) if r]
+    sizes = [(w * h, str(p.relative_to(root)), w, h) for p, (r, (w, h)) in zip(paths, results) if r is None]
+    _, file, w, h = max(sizes, default=(0, "", 0, 0))
+    return good, skipped, {"file": file, "width": w, "height": h}
 
 
 def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None, mode: str,
@@ -84,7 +96,7 @@ def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None,
     written, too_bad = {}, []
     for split in splits:
         samples, classes = scan(src / split, classes)
-        good, skipped = screen(samples, src / split, num_workers, min_size, max_pixels)
+        good, skipped, largest = screen(samples, src / split, num_workers, min_size, max_pixels)
         for s in skipped:
             print(f"[data_prep] skipped {split}/{s['file']}: {s['reason']}", flush=True)
         fraction = len(skipped) / len(samples)
@@ -93,9 +105,9 @@ def convert(src: Path, out: Path, splits: list[str], max_resolution: int | None,
         if not good:
             raise TooManyBadImages(f"{src / split}: none of {len(samples)} images could be read")
         path = out / f"{split}.beton"
-        write_split(path, ImageFolderSamples(good), source=str(src / split), classes=classes,
-                    labels=[y for _, y in good], max_resolution=max_resolution, mode=mode,
-                    num_workers=num_workers,
+        write_split(path, ImageFolderSamples(good, src / split), source=str(src / split),
+                    classes=classes, labels=[y for _, y in good], max_resolution=max_resolution,
+                    mode=mode, num_workers=num_workers, largest=largest,
                     extra={"num_files": len(samples), "num_skipped": len(skipped),
                            "skipped_fraction": round(fraction, 6), "skipped": skipped})
         written[split] = path

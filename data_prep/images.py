@@ -20,24 +20,31 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS * 2   # PIL's own decompression-bomb error t
 
 def check(path: Path, min_size: int = MIN_SIZE, max_pixels: int = MAX_PIXELS) -> str | None:
     """Why ``path`` cannot be converted, or None when it can."""
+    return inspect(path, min_size, max_pixels)[0]
+
+
+def inspect(path: Path, min_size: int = MIN_SIZE,
+            max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple[int, int]]:
+    """(why ``path`` cannot be converted or None, its (width, height) or (0, 0))."""
+    size = (0, 0)
     try:
         if Path(path).stat().st_size == 0:
-            return "empty file"
+            return "empty file", size
         with Image.open(path) as img:
-            w, h = img.size             # from the header: refuse bombs before decoding
+            w, h = size = img.size      # from the header: refuse bombs before decoding
             if w * h > max_pixels:
-                return f"too large ({w}x{h} > {max_pixels} pixels)"
+                return f"too large ({w}x{h} > {max_pixels} pixels)", size
             if min(w, h) < min_size:
-                return f"too small ({w}x{h}, a side < {min_size} px)"
+                return f"too small ({w}x{h}, a side < {min_size} px)", size
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 load_rgb_from(img)      # decode every byte: truncation shows only here
     except UnidentifiedImageError:
-        return "not an image PIL can identify (corrupt or wrong extension)"
+        return "not an image PIL can identify (corrupt or wrong extension)", size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as e:
-        return f"unreadable: {type(e).__name__}: {e}"[:300]
-    return None
+        return f"unreadable: {type(e).__name__}: {e}"[:300], size
+    return None, size
 
 
 def load_rgb(path: Path) -> np.ndarray:

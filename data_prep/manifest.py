@@ -36,16 +36,23 @@ def write_manifest(beton: Path, *, source: str, classes: list[str], labels: list
 
 def write_split(path: Path, dataset: Any, *, source: str, classes: list[str], labels: list[int],
                 max_resolution: int | None, mode: str, num_workers: int = 2,
-                extra: dict[str, Any] | None = None) -> Path:
-    """``dataset[i] -> (HWC uint8 RGB, label)`` to ``path`` (.beton), then ``path``.json."""
-    from hpc_mim.data.ffcv_io import write_beton
+                largest: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """``dataset[i] -> (HWC uint8 RGB, label)`` to ``path`` (.beton), then ``path``.json.
+    ``largest``: the biggest image {"file", "width", "height"}; the FFCV page size is made to
+    hold it (images are never resized for the page), and the manifest says so."""
+    from hpc_mim.data.ffcv_io import MIN_PAGE, page_size_for, write_beton
 
     start = time.time()
-    print(f"[data_prep] {len(labels)} images, {len(classes)} classes -> {path}", flush=True)
-    write_beton(str(path), dataset, max_resolution, mode, num_workers=num_workers)
+    page = MIN_PAGE
+    if largest and largest.get("width"):
+        page = page_size_for(largest["width"], largest["height"], mode, max_resolution)
+    print(f"[data_prep] {len(labels)} images, {len(classes)} classes -> {path} "
+          f"(page size {page >> 20} MiB)", flush=True)
+    write_beton(str(path), dataset, max_resolution, mode, num_workers=num_workers, page_size=page)
     return write_manifest(path, source=source, classes=classes, labels=labels,
-                          extra={"mode": mode, "max_resolution": max_resolution,
-                                 "seconds": round(time.time() - start, 1), **(extra or {})})
+                          extra={"mode": mode, "max_resolution": max_resolution, "page_size": page,
+                                 "largest_image": largest, "seconds": round(time.time() - start, 1),
+                                 **(extra or {})})
 
 
 def run_cli(convert: Callable[[], Any]) -> int:

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import REPO
 from data_prep import fashion_mnist, image_folder
 from hpc_mim.data.ffcv_io import build_loader, iterate, num_samples
 
@@ -116,3 +119,59 @@ def test_bad_images_exit_code_follows_the_allowed_fraction(tmp_path):
     assert image_folder.main(args + ["--max-bad-fraction", "0.3"]) == 1
     assert (tmp_path / "out" / "train.beton").is_file()                     # written anyway
     assert image_folder.main(args + ["--min-size", "2", "--max-bad-fraction", "0.3"]) == 0   # tiny kept
+
+
+def noisy_photo_tree(root: Path) -> None:
+    """Real large noisy files: a 12 MP JPEG and a 3 MP PNG of uniform noise (their JPEGs at
+    quality 90 are ~10x and ~2x FFCV's former fixed 2 MiB page), next to small images."""
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    big = root / "train" / "b"
+    Image.fromarray(rng.integers(0, 255, (3000, 4000, 3), dtype=np.uint8)).save(big / "noise_12mp.jpg", quality=95)
+    Image.fromarray(rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)).save(big / "noise_3mp.png")
+
+
+def test_large_noisy_photos_convert_with_a_page_size_that_fits(tmp_path):
+    """No --max-resolution: the page size is computed from the largest image, recorded in the
+    manifest, and the big samples read back at full size. (FFCV's writer used to hang forever
+    here: its worker died on "Tried allocating N but page size is 2097152".)"""
+    noisy_photo_tree(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "data_prep.image_folder", "--src", str(tmp_path / "src"),
+                        "--out", str(tmp_path / "out"), "--mode", "jpg"],
+                       cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "train.json").read_text())
+    assert manifest["largest_image"] == {"file": "b/noise_12mp.jpg", "width": 4000, "height": 3000}
+    assert manifest["page_size"] >= 4000 * 3000 * 3 and manifest["num_samples"] == 8
+    from ffcv.reader import Reader
+    meta = Reader(str(tmp_path / "out" / "train.beton")).metadata["f0"]      # the image field
+    assert sorted(zip(meta["width"], meta["height"]))[-2:] == [(2000, 1500), (4000, 3000)]
+
+
+WRITE_TOO_SMALL_PAGES = """
+import sys
+from pathlib import Path
+from data_prep.image_folder import ImageFolderSamples, scan
+from hpc_mim.data.ffcv_io import write_beton
+root = Path(sys.argv[1]) / "train"
+samples, _ = scan(root)
+write_beton(sys.argv[2], ImageFolderSamples(samples, root), mode="jpg", page_size=1 << 21)
+"""
+
+
+def test_a_failing_writer_worker_ends_the_conversion_naming_the_file(tmp_path):
+    """Whatever kills a writer worker (here: pages too small for the 12 MP noise photo), the
+    conversion stops at once with the file named and a non-zero exit, and leaves no partial
+    .beton -- never a hang."""
+    noisy_photo_tree(tmp_path / "src")
+    out = tmp_path / "x.beton"
+    r = subprocess.run([sys.executable, "-c", WRITE_TOO_SMALL_PAGES, str(tmp_path / "src"), str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "BetonWriteError" in r.stderr and "b/noise_12mp.jpg" in r.stderr, r.stderr[-2000:]
+    assert "page size is 2097152" in r.stderr and not out.exists()
