@@ -8,6 +8,7 @@
       evals/<name>.json  each evaluation's final metrics (evals/features/: cached frozen features)
       logs/pretrain.log  rank 0's progress lines (logs/starts.log: one line per (re)start)
       spool/<run_id>.jsonl  MLflow calls made while the tracking server was unreachable
+                         (pending-<uuid>.jsonl: a run to create; .run_id: the id it got)
       jobs/              submitit folders: sbatch scripts, logs, pickled results
 
 Evaluations need nothing but this folder: they rebuild the encoder from ``encoder.pt``.

@@ -6,7 +6,10 @@ parent (pre-training) run, the pre-training job logs into it, each evaluation jo
 child run (tag ``mlflow.parentRunId``). Metrics are buffered and sent with ``log_batch``: one
 call per flush instead of one HTTP round trip per number (200 points: ~0.1 s vs 10-15 s).
 While the tracking server is unreachable, everything is spooled to the run directory and sent
-later (``MLflowLogger``, ``jobs/sync.py``).
+later (``MLflowLogger``, ``jobs/sync.py``) -- the creation of an evaluation's child run too: the
+job then logs under a local id (``pending-<uuid>``) until the creation is replayed, and the
+server's run id is kept next to the spool (``<local id>.run_id``) so a later replay continues
+into the same run.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +80,29 @@ class MLflowLogger:
         self.retry_s = retry_s
         self._buffer: list[Metric] = []
         self._last_failure = 0.0
+        created = self.spool.with_suffix(".run_id") if self.spool else None
+        if created is not None and created.is_file():    # a pending run created by an earlier replay
+            self.run_id = created.read_text().strip()
 
     @classmethod
     def create_run(cls, uri: str, experiment_id: str, name: str, parent_run_id: str | None = None,
                    tags: dict[str, str] | None = None, spool_dir: Path | None = None) -> "MLflowLogger":
+        """A new run. With ``spool_dir``, an unreachable server does not fail the job: the run
+        is created later, when the spool is replayed, and everything logged meanwhile goes
+        into it."""
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
+        try:
+            run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store
+            if spool_dir is None:
+                raise
+            local = f"pending-{uuid.uuid4().hex}"
+            logger = cls(uri, local, spool=Path(spool_dir) / f"{local}.jsonl")
+            logger._failed(e)
+            logger._append({"op": "create", "experiment_id": experiment_id, "name": name, "tags": tags})
+            return logger
         spool = Path(spool_dir) / f"{run.info.run_id}.jsonl" if spool_dir else None
         return cls(uri, run.info.run_id, spool=spool)
 
@@ -120,7 +139,12 @@ class MLflowLogger:
     # ---------------------------------------------------------------- delivery
     def _apply(self, op: dict[str, Any]) -> None:
         kind = op["op"]
-        if kind == "metrics":
+        if kind == "create":          # first line of a pending run's spool
+            run = self.client.create_run(op["experiment_id"], run_name=op["name"], tags=op["tags"])
+            atomic_write_text(self.spool.with_suffix(".run_id"), run.info.run_id)
+            print(f"[tracking] created run {run.info.run_id} for {self.run_id}", file=sys.stderr, flush=True)
+            self.run_id = run.info.run_id
+        elif kind == "metrics":
             self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in op["metrics"]])
         elif kind == "params":
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op["params"]])

@@ -1,5 +1,6 @@
 """The MLflow tracking server goes away mid-run: training goes on, metrics wait in the run
 directory's spool and reach the server once it is back; jobs/sync.py sends what a job left."""
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +155,39 @@ def test_a_stop_signal_during_a_tracking_call_is_not_taken_for_an_outage(tmp_pat
             signal.signal(s, handler)
         STOP.received = None
     assert logger.pending() == 0 and not (tmp_path / "spool.jsonl").exists()
+
+
+def test_an_evaluation_started_while_the_server_is_down_loses_nothing(tmp_path, data_root, server):
+    """The tracking server is unreachable when a kNN job starts: the child runs cannot be
+    created, yet the job finishes (exit 0), spooling their creation with everything logged
+    into them; jobs/sync.py later creates them under the pre-training run, with the params,
+    metrics and final status, and a second sync does not create them twice. (The child run
+    used to be created unspooled: the evaluation failed.)"""
+    from test_checkpoint import pretrain
+
+    run, run_id = make_run(tmp_path, server.uri, data_root, ["train.epochs=1", "evals=[knn]"])
+    assert pretrain(run).returncode == 0
+    server.stop()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    r = subprocess.run([sys.executable, "-m", "evaluation.knn", "--run-dir", str(run.root)],
+                       cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pending = sorted(run.spool.glob("pending-*.jsonl"))
+    written = {p.stem: json.loads(p.read_text()) for p in run.evals.glob("*.json")}
+    assert len(pending) == len(written) >= 1          # the encoder (and each baseline)
+    server.start()
+    sync = [sys.executable, str(REPO / "jobs" / "sync.py"), str(run.root)]
+    assert subprocess.run(sync, capture_output=True, text=True, timeout=120).returncode == 0
+    client = MlflowClient(server.uri)
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(written)
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.params["knn.ks"]
+        for key, value in written[child.info.run_name].items():
+            assert abs(child.data.metrics[key] - value) < 1e-9, key
+    assert not list(run.spool.glob("*.jsonl"))
+    again = subprocess.run(sync, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing buffered" in again.stdout
+    assert len(client.search_runs([children[0].info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")) == len(written)
