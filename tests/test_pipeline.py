@@ -185,6 +185,12 @@ def test_slurm_nan_loss_stops_keeps_last_good_checkpoint_and_no_evaluation_start
         while (info := scontrol(ids[name]))["Reason"] == "Dependency" and time.time() < deadline:
             time.sleep(2)
         assert info["JobState"] == "PENDING" and info["Reason"] == "DependencyNeverSatisfied", info
+    # --status while they are still queued: the scheduler's reason, told plainly
+    status = submit("--status", str(run_dir))
+    rows = {line.split()[0]: line for line in status.stdout.splitlines() if line.strip()}
+    for name in ("knn", "linear_probe"):
+        assert "NEVER STARTS" in rows[name] and "pretrain did not succeed" in rows[name], status.stdout
+    for name in ("knn", "linear_probe"):
         subprocess.run(["scancel", ids[name]], check=True)
 
     tracking = json.loads((run_dir / "tracking.json").read_text())
