@@ -57,12 +57,15 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    pos_embed: str = "sincos"           # sincos: fixed 2-D sin-cos (MAE) | learned (UMD's authors)
 
     def validate(self) -> None:
         _check(self.img_size % self.patch_size == 0, "model.img_size",
                f"{self.img_size} is not a multiple of model.patch_size={self.patch_size}")
         _check(self.embed_dim % self.num_heads == 0, "model.embed_dim",
                f"{self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
+        _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed",
+               f"{self.pos_embed!r}; choose sincos or learned")
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             _check(getattr(self, key) > 0, f"model.{key}", "must be > 0")
 

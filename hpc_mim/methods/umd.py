@@ -26,7 +26,8 @@ Where this departs from the authors' code, on purpose:
   per-channel affine map). ``data.normalize: symmetric`` gives the authors' [-1, 1] (pre-training
   and, from the run's config, every evaluation of it).
 - Position embeddings are fixed 2-D sin-cos (encoder and decoder), as for every method here
-  and what the evaluations' resolution changes interpolate; the authors learn them.
+  and what the evaluations evaluate exactly at other resolutions; the authors learn them
+  (``model.pos_embed: learned`` does, in the encoder and this decoder).
 - The decoder keeps a linear input projection only when ``method.decoder_dim`` differs from the
   encoder's width; at the paper's width (768) it is the identity, as in the authors' code.
 Variants by config: MAE (no_noise_prob 1), DiT (no_noise_prob 0, noised_mask_ratio 0),
@@ -58,7 +59,8 @@ class UMD(MIMMethod):
         self.decoder = MAEDecoder(self.encoder.grid, d, method_cfg.decoder_dim, method_cfg.decoder_depth,
                                   method_cfg.decoder_heads, out_dim=2 * self.patch_dim,
                                   num_prefix=1, timestep_cond=True,
-                                  input_proj=method_cfg.decoder_dim != d)
+                                  input_proj=method_cfg.decoder_dim != d,
+                                  learned_pos=self.encoder.config["pos_embed"] == "learned")
         # float64 (alpha_bar near 1 must not round to 1), on the training device, not saved
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.diffusion_steps), persistent=False)
         self.clean_ratio, self.noised_ratio = method_cfg.mask_ratio, o.noised_mask_ratio

@@ -23,7 +23,8 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, grid: tuple[int, int], encoder_dim: int, dim: int = 512, depth: int = 8,
                  num_heads: int = 16, out_dim: int = 768, mlp_ratio: float = 4.0,
-                 num_prefix: int = 1, timestep_cond: bool = False, input_proj: bool = True) -> None:
+                 num_prefix: int = 1, timestep_cond: bool = False, input_proj: bool = True,
+                 learned_pos: bool = False) -> None:
         super().__init__()
         self.num_prefix = num_prefix
         # input_proj=False (UMD at the encoder's width, as its authors): tokens go in unprojected
@@ -32,6 +33,10 @@ class MAEDecoder(nn.Module):
         self.embed = nn.Linear(encoder_dim, dim) if input_proj else nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, dim, num_prefix), persistent=False)
+        self.pos_embed_learned = None
+        if learned_pos:          # UMD's authors: learned, normal(1/sqrt(L)); the prefix gets none
+            num = grid[0] * grid[1]
+            self.pos_embed_learned = nn.Parameter(torch.randn(1, num, dim) / num ** 0.5)
         norm = partial(nn.LayerNorm, eps=1e-6)
         if timestep_cond:
             self.t_embed = TimestepEmbedder(dim)
@@ -56,6 +61,8 @@ class MAEDecoder(nn.Module):
         masks = self.mask_token.expand(b, num_patches + p - x.shape[1], -1)  # (B, L-K, d)
         patches = torch.cat([x[:, p:], masks], dim=1)                        # shuffled order
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if self.pos_embed_learned is not None:
+            return torch.cat([x[:, :p], patches + self.pos_embed_learned], dim=1)
         return torch.cat([x[:, :p], patches], dim=1) + self.pos_embed        # (B, P+L, d)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ Follows the MAE encoder (arXiv 2111.06377; facebookresearch/mae:models_mae.py): 
 is zero. ``forward(x, ids_keep)`` runs on a subset of patches (masked pre-training);
 ``forward_intermediates`` returns spatial feature maps of chosen blocks (dense evaluations).
 Other input sizes than ``img_size`` are accepted (dense evaluations): the fixed sin-cos
-position embedding is evaluated on the larger grid.
+position embedding is evaluated on the larger grid. ``pos_embed="learned"`` (UMD's authors):
+a learned embedding of the patches (normal, std 1/sqrt(L); the cls tokens get none), resampled
+bicubically (timm) for another grid.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+from timm.layers import PatchEmbed, build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -53,13 +55,16 @@ class ViTEncoder(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, drop_path: float = 0.0, num_cls_tokens: int = 1,
-                 timestep_cond: bool = False) -> None:
+                 timestep_cond: bool = False, pos_embed: str = "sincos") -> None:
         super().__init__()
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed {pos_embed!r}: choose sincos or learned")
         # the constructor arguments travel with exported weights (see save_encoder)
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                            embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                            mlp_ratio=mlp_ratio, drop_path=drop_path,
-                           num_cls_tokens=num_cls_tokens, timestep_cond=timestep_cond)
+                           num_cls_tokens=num_cls_tokens, timestep_cond=timestep_cond,
+                           pos_embed=pos_embed)
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.depth = depth
@@ -73,6 +78,10 @@ class ViTEncoder(nn.Module):
         # keeps exported weights independent of the image size.
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim, num_cls_tokens),
                              persistent=False)
+        self.pos_embed_learned = None
+        if pos_embed == "learned":                                           # (1, L, D)
+            self.pos_embed_learned = nn.Parameter(
+                torch.randn(1, self.num_patches, embed_dim) / self.num_patches ** 0.5)
         if timestep_cond:
             self.t_embed = TimestepEmbedder(embed_dim)
             self.blocks = nn.ModuleList(AdaLNBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -124,6 +133,11 @@ class ViTEncoder(nn.Module):
         bicubic resampling used for learned embeddings would squeeze a 16 x 16 grid into the
         7 x 7 range and change the apparent scale)."""
         grid = self.grid_of(hw)
+        if self.pos_embed_learned is not None:
+            pos = self.pos_embed_learned
+            if grid != tuple(self.grid):
+                pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
+            return torch.cat([pos.new_zeros(1, self.num_prefix, self.embed_dim), pos], dim=1)
         if grid == tuple(self.grid):
             return self.pos_embed
         return sincos_pos_embed(grid, self.embed_dim, self.num_prefix).to(self.pos_embed)

@@ -151,3 +151,25 @@ def test_decoder_gets_the_mean_of_the_cls_tokens_as_its_one_prefix_token():
     assert torch.equal(dec_in[:, 1:], enc[:, 4:])
     assert isinstance(method.decoder.embed, torch.nn.Identity)      # decoder_dim == embed_dim
     assert method.decoder.pos_embed.shape[1] == 1 + 49
+
+
+def test_learned_position_embeddings_are_the_authors_option(tmp_path):
+    """model.pos_embed=learned: encoder and decoder learn their patch position embeddings (the
+    cls tokens get none), they are trained, exported, reloaded, and resampled for other sizes."""
+    from hpc_mim.models.vit import load_encoder, save_encoder
+    cfg = load_config("umd", "smoke", overrides=["model.pos_embed=learned"])
+    method = build_method(cfg.model, cfg.method)
+    enc_pos, dec_pos = method.encoder.pos_embed_learned, method.decoder.pos_embed_learned
+    assert enc_pos.shape == (1, 49, 32) and dec_pos.shape == (1, 49, 32)
+    assert abs(enc_pos.std().item() - 1 / 7) < 0.03                 # normal(1 / sqrt(L))
+    method({"image": torch.randn(4, 3, 28, 28)})["loss"].backward()
+    assert enc_pos.grad.abs().sum() > 0 and dec_pos.grad.abs().sum() > 0
+    pos = method.encoder.position_embedding((28, 28))
+    assert torch.equal(pos[:, :4], torch.zeros(1, 4, 32)) and torch.equal(pos[:, 4:], enc_pos)
+    assert method.encoder.position_embedding((56, 56)).shape == (1, 4 + 196, 32)
+    save_encoder(method.encoder, tmp_path / "enc.pt")
+    again = load_encoder(tmp_path / "enc.pt")
+    assert torch.equal(again.pos_embed_learned, enc_pos)
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.allclose(again.eval()(x), method.encoder.eval()(x), atol=1e-6)
+    assert build_method(load_config("umd", "smoke").model, cfg.method).encoder.pos_embed_learned is None
