@@ -10,7 +10,9 @@ Reference code: philippe-eecs/small-vision (JAX). What it computes (shared/metho
    authors' ``train_ae.py`` does.)
 2. Encoder and decoder are conditioned on the timestep by AdaLN; the encoder has 4 cls tokens
    whose mean is the representation (``pooling: cls``) and the decoder's one prefix token
-   (the authors' ``decode(rep, ...)``): the decoder sees the mean, not the 4 tokens.
+   (the authors' ``decode(rep, ...)``): the decoder sees the mean, not the 4 tokens. The
+   decoder's output is shift/scale-modulated by the timestep before the prediction (the
+   authors' ``final_modulation``, zero-init).
 3. Dual prediction: the decoder outputs 2 x p*p*C per patch, (x0, eps).
    Clean samples: ``mae_loss`` = MSE of x0 on masked pixels. Noised samples: ``eps_loss`` = MSE
    of eps on visible pixels, ``x0_loss`` = MSE of x0 on masked pixels, ``dit_loss = (eps_loss

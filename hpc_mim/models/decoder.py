@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, run_blocks
+from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, modulate, run_blocks
 from hpc_mim.models.vit import init_mae_weights, sincos_pos_embed
 
 
@@ -46,12 +46,18 @@ class MAEDecoder(nn.Module):
             self.blocks = nn.ModuleList(
                 Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm) for _ in range(depth))
         self.norm = norm(dim)
+        # timestep-conditioned: the normalised output is shift/scale-modulated by t before the
+        # prediction (UMD's authors' final_modulation; DiT's final layer), zero-init: identity
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim)) if timestep_cond else None
         self.pred = nn.Linear(dim, out_dim)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(init_mae_weights)
         for block in self.blocks:
             if isinstance(block, AdaLNBlock):
                 block.zero_modulation()
+        if self.final_modulation is not None:
+            nn.init.zeros_(self.final_modulation[1].weight)
+            nn.init.zeros_(self.final_modulation[1].bias)
 
     def prepare(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Embed, append mask tokens, unshuffle, add positions: (B, P+L, d)."""
@@ -65,8 +71,12 @@ class MAEDecoder(nn.Module):
             return torch.cat([x[:, :p], patches + self.pos_embed_learned], dim=1)
         return torch.cat([x[:, :p], patches], dim=1) + self.pos_embed        # (B, P+L, d)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pred(self.norm(x))[:, self.num_prefix:]                  # (B, L, out_dim)
+    def head(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm(x)
+        if self.final_modulation is not None and c is not None:
+            shift, scale = self.final_modulation(c).chunk(2, dim=-1)         # (B, d) each
+            x = modulate(x, shift, scale)
+        return self.pred(x)[:, self.num_prefix:]                             # (B, L, out_dim)
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor,
                 t: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,4 +84,4 @@ class MAEDecoder(nn.Module):
         if self.t_embed is not None:
             t = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device) if t is None else t
             c = self.t_embed(t)
-        return self.head(run_blocks(self.blocks, self.prepare(tokens, ids_restore), c))
+        return self.head(run_blocks(self.blocks, self.prepare(tokens, ids_restore), c), c)

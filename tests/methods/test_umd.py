@@ -173,3 +173,22 @@ def test_learned_position_embeddings_are_the_authors_option(tmp_path):
     x = torch.randn(2, 3, 28, 28)
     assert torch.allclose(again.eval()(x), method.encoder.eval()(x), atol=1e-6)
     assert build_method(load_config("umd", "smoke").model, cfg.method).encoder.pos_embed_learned is None
+
+
+def test_decoder_output_is_modulated_by_the_timestep_before_the_prediction():
+    """The authors' final_modulation: after the decoder's last block the tokens get a
+    timestep-dependent shift/scale (zero-init, so training starts from the identity)."""
+    cfg = load_config("umd", "smoke")
+    torch.manual_seed(0)
+    dec = build_method(cfg.model, cfg.method).decoder.eval()
+    tokens, ids = torch.randn(2, 1 + 12, 32), torch.argsort(torch.rand(2, 49), dim=1)
+    t0, t9 = torch.zeros(2, dtype=torch.long), torch.full((2,), 900)
+    assert torch.equal(dec(tokens, ids, t0), dec(tokens, ids, t9))      # zero-init: no effect yet
+    torch.nn.init.normal_(dec.final_modulation[1].weight, std=0.1)      # blocks stay identity in t
+    run = torch.randn(2, 50, 32)
+    x = dec.norm(run)
+    c = dec.t_embed(t9)
+    shift, scale = dec.final_modulation(c).chunk(2, dim=-1)
+    expected = dec.pred(x * (1 + scale[:, None]) + shift[:, None])[:, 1:]
+    assert torch.allclose(dec.head(run, c), expected, atol=1e-6)
+    assert not torch.allclose(dec(tokens, ids, t0), dec(tokens, ids, t9))
