@@ -40,7 +40,7 @@ def write_split(path: Path, dataset: Any, *, source: str, classes: list[str], la
     """``dataset[i] -> (HWC uint8 RGB, label)`` to ``path`` (.beton), then ``path``.json.
     ``largest``: the biggest image {"file", "width", "height"}; the FFCV page size is made to
     hold it (images are never resized for the page), and the manifest says so."""
-    from hpc_mim.data.ffcv_write import MIN_PAGE, page_size_for, write_beton
+    from hpc_mim.data.ffcv_io import MIN_PAGE, page_size_for, write_beton
 
     start = time.time()
     page = MIN_PAGE

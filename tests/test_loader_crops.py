@@ -38,7 +38,7 @@ def decode(path: str, size: int) -> list[np.ndarray]:
 
 
 def test_pad_crops_are_torchvision_windows_of_the_resized_image(tmp_path):
-    from hpc_mim.data.ffcv_write import write_beton
+    from hpc_mim.data.ffcv_io import write_beton
     # 28 x 40: Resize(28) keeps it (short side already 28), the window slides along the width
     samples = coordinate_images(16, 28, 40)
     path = str(tmp_path / "d.beton")
@@ -56,7 +56,7 @@ def test_pad_crops_are_torchvision_windows_of_the_resized_image(tmp_path):
 
 def test_pad_crops_are_the_same_with_numba_jit(tmp_path):
     """The numba-compiled decoder (what real runs use) draws the very same windows."""
-    from hpc_mim.data.ffcv_write import write_beton
+    from hpc_mim.data.ffcv_io import write_beton
     path = str(tmp_path / "d.beton")
     write_beton(path, coordinate_images(16, 36, 30))            # Resize(28): 33 x 28
     code = ("import sys, numpy as np; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests'];"

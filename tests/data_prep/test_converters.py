@@ -157,7 +157,7 @@ WRITE_TOO_SMALL_PAGES = """
 import sys
 from pathlib import Path
 from data_prep.image_folder import ImageFolderSamples, scan
-from hpc_mim.data.ffcv_write import write_beton
+from hpc_mim.data.ffcv_io import write_beton
 root = Path(sys.argv[1]) / "train"
 samples, _ = scan(root)
 write_beton(sys.argv[2], ImageFolderSamples(samples, root), mode="jpg", page_size=1 << 21)
