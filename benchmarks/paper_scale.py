@@ -53,6 +53,7 @@ OVERRIDES = [
     "evals=[knn, linear_probe, finetune, segmentation, detection]",
     "eval.batch_size=8", "eval.knn.max_train_samples=40", "eval.linear_probe.max_train_samples=40",
     "eval.linear_probe.epochs=2", "eval.linear_probe.warmup_epochs=1", "eval.linear_probe.batch_size=16",
+    "eval.finetune.nodes=1", "eval.detection.nodes=1",     # the paper: as many GPUs as pre-training
     "eval.finetune.batch_size=2", "eval.finetune.micro_batch_size=2", "eval.finetune.max_steps=2",
     "eval.segmentation.steps=2", "eval.segmentation.warmup_steps=1", "eval.segmentation.batch_size=2",
     "eval.segmentation.max_val_samples=1",

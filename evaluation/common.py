@@ -1,32 +1,41 @@
-"""What every evaluation job shares: read a run directory, pick the encoders, log child runs.
+"""What every evaluation job shares: read a run directory, pick the encoders, continue or
+start their MLflow child runs, and train through the one loop (hpc_mim/train/loop.py).
 
 Only the run directory's contract is used (config.yaml, encoder.pt, tracking.json): nothing
-from the training code. Each job evaluates the pre-trained encoder and each of
-``eval.baselines``: a randomly initialised encoder of the same shape (``random_init``) or the
-raw normalised pixels (``pixels``, frozen-feature evaluations only). Each is an MLflow child run
-of the pre-training run; one that raises is marked FAILED with the error as its ``error`` tag,
-and the job exits non-zero (which is what SLURM and ``jobs/submit.py --status`` report).
+from pre-training. Each job evaluates the pre-trained encoder and each of ``eval.baselines``: a
+randomly initialised encoder of the same shape (``random_init``) or the raw normalised pixels
+(``pixels``, frozen-feature evaluations only). Each is an MLflow child run of the pre-training
+run; one that raises is marked FAILED with the error as its ``error`` tag, and the job exits
+non-zero (which is what SLURM and ``jobs/submit.py --status`` report).
+
+Every rank of the job runs the evaluation (features, training, inference are sharded); rank 0
+alone talks to MLflow and writes run/evals/. A job stopped by the scheduler (USR2, requeue)
+checkpoints; when it starts again it continues the same child runs (tag ``restarts``), skips the
+encoders it had finished and resumes the current one from its checkpoint
+(run/evals/state/<child>-<config hash>/), so its final metrics are those of an uninterrupted run.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import hashlib
+import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
 
 from hpc_mim.config import Config, load_config, read_config
-from hpc_mim.data.ffcv_io import build_loader, iterate
-from hpc_mim.distributed.env import detect, training_device
 from hpc_mim.distributed.preemption import Preempted
 from hpc_mim.models import build_encoder, load_encoder
-from hpc_mim.rundir import RunDir
+from hpc_mim.rundir import RunDir, atomic_write_text
 from hpc_mim.tracking import MLflowLogger
+from hpc_mim.train.loop import Budget, Task, TrainLoop
+from hpc_mim.train.process import Process, join, seed_everything
 
 BASELINES = ("random_init", "pixels")
 
@@ -43,11 +52,6 @@ def parse_args(description: str) -> argparse.Namespace:
                     help="evaluate only a random-init encoder or raw pixels (default: the run's "
                          "encoder, then each of eval.baselines)")
     return ap.parse_args()
-
-
-def device() -> torch.device:
-    """This process's GPU (its own one under one-GPU-per-task binding too), else the CPU."""
-    return training_device(detect())
 
 
 def load_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunDir, Config]:
@@ -73,73 +77,42 @@ def encoder_for(run: RunDir, cfg: Config, baseline: str, **overrides: Any) -> to
     return load_encoder(run.encoder, **overrides)
 
 
-@torch.no_grad()
-def extract_features(encoders: dict[str, torch.nn.Module | None], path: str, cfg: Config,
-                     info: dict[str, Any], pooling: str,
-                     max_samples: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Features (N, D) and labels (N,) of a split for several encoders in one pass over the data
-    (center crop, no augmentation). An encoder of None means the raw normalised pixels."""
-    dev = device()
-    loader = build_loader(path, cfg.eval.batch_size, cfg.model.img_size, info["mean"], info["std"],
-                          train=False, eval_crop_ratio=info.get("eval_crop_ratio", 1.0),
-                          num_workers=cfg.data.num_workers, max_samples=max_samples, device=dev)
-    for encoder in encoders.values():
-        if encoder is not None:
-            encoder.to(dev).eval()
-    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
-    labels = []
-    for batch in iterate(loader):
-        x = batch["image"].to(dev)
-        for name, encoder in encoders.items():
-            f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling)
-            # clone: FFCV recycles its batch buffers, so a kept view would be overwritten
-            feats[name].append(f.float().cpu().clone())
-        labels.append(batch["label"].cpu().clone())
-    y = torch.cat(labels)
-    return {name: (torch.cat(f), y) for name, f in feats.items()}
-
-
-def cached_features(run: RunDir, cfg: Config, baselines: list[str], split: str, info: dict[str, Any],
-                    pooling: str, max_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Features of one split per encoder, computed once per run and shared by the evaluations
-    (run/evals/features/): the encoders are frozen, so they never change."""
-    def path(baseline: str) -> Path:
-        key = f"{baseline or 'pretrained'}-{info['name']}-{split}-{pooling}-{max_samples or 'all'}"
-        return run.evals / "features" / f"{key}.pt"
-
-    missing = [b for b in baselines if not path(b).is_file()]
-    if missing:
-        encoders = {b: encoder_for(run, cfg, b) for b in missing}
-        for b, feats in extract_features(encoders, info[split], cfg, info, pooling, max_samples).items():
-            path(b).parent.mkdir(parents=True, exist_ok=True)
-            tmp = path(b).with_name(f".{path(b).name}.tmp{os.getpid()}")
-            torch.save(feats, tmp)
-            os.replace(tmp, path(b))      # a concurrent job sees all of it or none of it
-    return {b: torch.load(path(b), weights_only=True) for b in baselines}
-
-
-def split_features(run: RunDir, cfg: Config, baselines: list[str], info: dict[str, Any],
-                   pooling: str, max_train: int) -> dict[str, tuple]:
-    """Per encoder: (train_f, train_y, val_f, val_y, num_classes) of a classification dataset."""
-    start = time.time()
-    train = cached_features(run, cfg, baselines, "train", info, pooling, max_train)
-    val = cached_features(run, cfg, baselines, "val", info, pooling, 0)
-    shapes = ", ".join(f"{b or 'pretrained'} {tuple(train[b][0].shape)}" for b in baselines)
-    print(f"[eval] train features {shapes}; {len(val[baselines[0]][1])} val "
-          f"in {time.time() - start:.1f}s", flush=True)
-    return {b: (*train[b], *val[b], info["num_classes"]) for b in baselines}
+def child_name(label: str, baseline: str) -> str:
+    return f"{label}[{baseline}]" if baseline else label
 
 
 @dataclass
 class EvalContext:
     """What an evaluation body gets: the run, its config, this evaluation's section, the
-    dataset's registry entry, the encoders to evaluate ("" = pre-trained) and their loggers."""
+    dataset's registry entry, the job's label, this process, the encoders still to evaluate
+    ("" = pre-trained), rank 0's loggers and each encoder's state folder."""
     run: RunDir
     cfg: Config
     section: Any
     info: dict[str, Any]
+    label: str
+    proc: Process
     baselines: list[str]
     loggers: dict[str, MLflowLogger]
+    states: dict[str, Path]
+
+    @property
+    def device(self) -> torch.device:
+        return self.proc.device
+
+    def fit(self, baseline: str, task: Task, budget: Budget) -> dict[str, float]:
+        """Train ``task`` through the one loop, checkpointed under the encoder's state folder
+        (resumed from there after a requeue); the final evaluation's metrics + ``train_loss``."""
+        name = child_name(self.label, baseline)
+        loop = TrainLoop(task, budget, self.states[baseline] / "checkpoints", self.proc,
+                         self.loggers.get(baseline), self.run.logs / f"{name}.log")
+        metrics = loop.fit()
+        return {**metrics, "train_loss": loop.last_metrics.get("train/loss", float("nan"))}
+
+    def seed(self, rank_offset: bool = False) -> None:
+        """The run's seed: the same on every rank (model initialisation), or one per rank
+        (augmentation, dropout) once the model exists."""
+        seed_everything(self.cfg.train.seed * 1000 + (self.proc.env.rank if rank_offset else 0))
 
 
 # body: yields (baseline, metrics) as each encoder finishes
@@ -163,15 +136,26 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     label = label or name
     baselines = [baseline] if baseline is not None else ["", *cfg.eval.baselines]
     baselines = [b for b in baselines if pixels or b != "pixels"]
-    params = {name: {**asdict(section), "dataset": dataset}}
-    loggers = {b: child_run(run, label, name, b, dataset, params) for b in baselines}
-    results: dict[str, dict[str, float]] = {}
+    proc = join(cfg.cluster.rendezvous_timeout_s, cfg.cluster.collective_timeout_s)
+    params = {name: {**asdict(section), "dataset": dataset}, "seed": cfg.train.seed}
+    states = {b: state_folder(run, label, b, params) for b in baselines}
+    results = {b or "pretrained": done for b in baselines if (done := finished(states[b]))}
+    todo = [b for b in baselines if (b or "pretrained") not in results]
+    dist.barrier()                 # every rank has read what was finished before rank 0 writes
+    for b in [b for b in baselines if b not in todo and proc.env.is_main]:
+        print(f"[eval] {child_name(label, b)}: finished before this start, metrics in "
+              f"{states[b] / 'child.json'}", flush=True)
+    loggers = {b: child_run(run, label, name, b, dataset, params, states[b]) for b in todo} \
+        if proc.env.is_main else {}
     try:
         info = cfg.dataset_info(dataset, key=f"eval.{name}.dataset")
-        for b, metrics in body(EvalContext(run, cfg, section, info, baselines, dict(loggers))):
-            results[b or "pretrained"] = finish(run, loggers.pop(b), label, b, metrics)
+        ctx = EvalContext(run, cfg, section, info, label, proc, todo, dict(loggers), states)
+        for b, metrics in body(ctx):
+            results[b or "pretrained"] = metrics
+            if proc.env.is_main:
+                finish(run, loggers.pop(b), label, b, metrics, states[b])
     except BaseException as e:
-        # a scheduler stop (Preempted) is not a failure: the requeued job starts new child runs
+        # a scheduler stop (Preempted) is not a failure: the requeued job continues these runs
         stopped = isinstance(e, Preempted)
         for logger in loggers.values():
             logger.set_tags({"stopped" if stopped else "error": f"{type(e).__name__}: {e}"[:5000]})
@@ -180,79 +164,60 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     return results
 
 
-def frozen(compute: Callable[..., dict[str, float]]) -> Body:
-    """A body for frozen-feature evaluations: features of every encoder from one pass over the
-    data, then ``compute(train_f, train_y, val_f, val_y, num_classes, section)`` per encoder,
-    on the job's device (the kNN similarity matrix and the probe's training are GPU work)."""
-    def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
-        s, dev = ctx.section, device()
-        feats = split_features(ctx.run, ctx.cfg, ctx.baselines, ctx.info, s.pooling, s.max_train_samples)
-        for b in ctx.baselines:
-            train_f, train_y, val_f, val_y, num_classes = feats[b]
-            yield b, compute(train_f.to(dev), train_y.to(dev), val_f.to(dev), val_y.to(dev),
-                             num_classes, s)
-    return body
+def state_folder(run: RunDir, label: str, baseline: str, params: dict[str, Any]) -> Path:
+    """run/evals/state/<child>-<hash of the evaluation's settings>: another ``--set`` is
+    another evaluation, with its own checkpoints and child run."""
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    return run.evals / "state" / f"{child_name(label, baseline)}-{digest[:10]}"
+
+
+def finished(state: Path) -> dict[str, float] | None:
+    """The metrics of an encoder this evaluation finished in an earlier start, else None."""
+    record = state / "child.json"
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text())
+    return data.get("metrics") if data.get("finished") else None
 
 
 def child_run(run: RunDir, label: str, name: str, baseline: str, dataset: str,
-              params: dict[str, Any]) -> MLflowLogger:
-    """An MLflow child run of the pre-training run, named e.g. ``knn`` or ``knn[pixels]``."""
+              params: dict[str, Any], state: Path) -> MLflowLogger:
+    """The MLflow child run of the pre-training run, named e.g. ``knn`` or ``knn[pixels]``:
+    the one an earlier start of this job created (recorded in ``state``/child.json), marked
+    RUNNING again with the number of earlier starts as tag ``restarts``, or a new one."""
     tracking = run.read_tracking()
+    record = state / "child.json"
+    starts = state / "starts.log"
+    state.mkdir(parents=True, exist_ok=True)
+    before = len(starts.read_text().splitlines()) if starts.is_file() else 0
+    with open(starts, "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} host={socket.gethostname()} "
+                f"slurm_job={os.environ.get('SLURM_JOB_ID', '-')}\n")
+    if record.is_file():
+        run_id = json.loads(record.read_text())["run_id"]
+        logger = MLflowLogger(tracking["uri"], run_id, spool=run.spool / f"{run_id}.jsonl")
+        logger.start()
+        logger.set_tags({"restarts": before})
+        print(f"[eval] {child_name(label, baseline)}: continuing MLflow run {logger.run_id} "
+              f"(start {before + 1})", flush=True)
+        return logger
     logger = MLflowLogger.create_run(
-        tracking["uri"], tracking["experiment_id"], f"{label}[{baseline}]" if baseline else label,
+        tracking["uri"], tracking["experiment_id"], child_name(label, baseline),
         parent_run_id=tracking["run_id"], spool_dir=run.spool,
-        tags={"eval": name, "job": label, "dataset": dataset, "baseline": baseline or "pretrained"})
+        tags={"eval": name, "job": label, "dataset": dataset, "baseline": baseline or "pretrained",
+              "restarts": before})
+    atomic_write_text(record, json.dumps({"run_id": logger.run_id, "finished": False}))
     logger.log_params(params)
     return logger
 
 
 def finish(run: RunDir, logger: MLflowLogger, label: str, baseline: str,
-           metrics: dict[str, float]) -> dict[str, float]:
-    name = f"{label}[{baseline}]" if baseline else label
+           metrics: dict[str, float], state: Path) -> None:
+    name = child_name(label, baseline)
     logger.log_metrics(metrics, step=0)
     logger.finish("FINISHED")
     run.write_eval(name, metrics)
-    print(f"[eval] {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-    return metrics
-
-
-# ----------------------------------------------------------------- trained (dense) evaluations
-
-def train_loader(dataset: Dataset, batch_size: int, cfg: Config,
-                 collate_fn: Callable | None = None) -> DataLoader:
-    """Shuffled, full batches, seeded by ``train.seed``: every encoder sees the same batches."""
-    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, collate_fn=collate_fn,
-                        num_workers=cfg.data.num_workers,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} training images are fewer than one batch of {batch_size}")
-    return loader
-
-
-def fit(model: torch.nn.Module, loader: DataLoader, steps: int, opt: torch.optim.Optimizer,
-        sched: Any, step_loss: Callable[[torch.nn.Module, Any], dict[str, torch.Tensor]],
-        logger: MLflowLogger, tag: str) -> float:
-    """``steps`` iterations (the dense benchmarks count iterations, not epochs) over ``loader``,
-    reshuffled at each pass; ``step_loss(model, batch)`` returns the loss terms, whose sum is
-    minimised. Progress printed and logged 20 times, the only times the device is waited for.
-    Returns the last loss."""
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    every, start, total = max(1, steps // 20), time.time(), float("nan")
-    model.train()
-    for step, batch in zip(range(steps), batches):
-        sched.step_update(step)
-        terms = step_loss(model, batch)
-        loss = sum(terms.values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % every == 0 or step + 1 == steps:
-            total = loss.item()
-            rate = (step + 1) * loader.batch_size / (time.time() - start)
-            shown = {k: v.item() for k, v in terms.items()} if len(terms) > 1 else {}  # a lone term = loss
-            parts = "".join(f" {k} {v:.3f}" for k, v in shown.items())
-            print(f"[{tag}] step {step + 1}/{steps} loss {total:.4f}{parts} lr "
-                  f"{opt.param_groups[-1]['lr']:.2e} {rate:.0f} img/s", flush=True)
-            logger.log_metrics({"train/loss": total, **{f"train/{k}": v for k, v in shown.items()}},
-                               step=step + 1)
-    return total
+    record = json.loads((state / "child.json").read_text())
+    atomic_write_text(state / "child.json", json.dumps({**record, "finished": True, "metrics": metrics}))
+    print(f"[eval] {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                          if "/" not in k), flush=True)

@@ -1,6 +1,8 @@
 """Object detection / instance segmentation transfer: ViTDet (Li et al. arXiv 2203.16527).
 
-The last block's map is rescaled by ``scale_factors`` (ViTDet's x4, x2, x1, x0.5: strides 4-32
+The backbone runs ViTDet's attention: 14 x 14 token windows, global attention in 4 evenly
+spaced blocks (``attention: global`` keeps every block global, as pre-trained). The last
+block's map is rescaled by ``scale_factors`` (ViTDet's x4, x2, x1, x0.5: strides 4-32
 for ViT-B/16) plus a pooled level by the simple feature pyramid (evaluation/dense_heads.py), and
 the pyramid feeds torchvision's Mask R-CNN, or Faster R-CNN when the annotations have no masks.
 Images are resized so the longest side is ``image_size`` (torchvision's transform, which also
@@ -8,8 +10,9 @@ normalises and pads batches to a multiple of 32; the encoder evaluates its sin-c
 embedding on the padded grid). Training: flips, AdamW (0.9, 0.999) with layer-wise lr decay,
 linear warmup, lr x0.1 at 88.9% and 96.3% of the steps (ViTDet's schedule, timm's
 MultiStepLRScheduler). Metrics: COCO box AP / AP50 / AP75 and mask AP from
-pycocotools. Not reproduced: large-scale jitter and ViTDet's windowed attention (the encoder
-runs global attention in every block, as pre-trained).
+pycocotools, every ``eval_every`` iterations and at the end (``val/box_ap`` ...: the curve).
+Trained by the one training loop (checkpoints, exact resume, NaN stop) on all of the job's
+ranks. Not reproduced: large-scale jitter and ViTDet's relative position biases.
 
     python -m evaluation.detection --run-dir runs/<name> [--dataset coco] [--set KEY=VALUE] [--baseline random_init]
 """
@@ -22,35 +25,42 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, box_convert
 
-from evaluation.common import EvalContext, device, encoder_for, fit, parse_args, run_eval, train_loader
+from evaluation.common import EvalContext, encoder_for, parse_args, run_eval
 from evaluation.dense_heads import SimpleFeaturePyramid
+from evaluation.dense_task import DenseTask, to_device
 from evaluation.layer_decay import EncoderModel
 from hpc_mim.data.dense import coco_detection, coco_of, collate_pairs, has_masks, num_categories
-from hpc_mim.tracking import MLflowLogger
+from hpc_mim.models.windows import evenly_spaced, vitdet_features
 
 
 class ViTDetBackbone(nn.Module):
-    """Images (B, 3, H, W) -> OrderedDict of pyramid maps (torchvision's backbone contract)."""
+    """Images (B, 3, H, W) -> OrderedDict of pyramid maps (torchvision's backbone contract).
+    ``window`` > 0: ViTDet's windowed attention with global attention in ``global_blocks``
+    (hpc_mim/models/windows.py); 0: every block global, cls token kept, as pre-trained."""
 
-    def __init__(self, encoder: nn.Module, out_channels: int, factors: list[float]) -> None:
+    def __init__(self, encoder: nn.Module, out_channels: int, factors: list[float],
+                 window: int = 0, global_blocks: list[int] = ()) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.window, self.global_blocks = encoder, window, list(global_blocks)
         self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, out_channels, factors)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor):
+        if self.window:
+            return self.pyramid(vitdet_features(self.encoder, x, self.window, self.global_blocks))
         return self.pyramid(self.encoder.forward_intermediates(x, [self.encoder.depth - 1])[0])
 
 
@@ -70,7 +80,10 @@ class Detector(EncoderModel):
         if masks:
             kwargs["mask_roi_pool"] = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
         detector = MaskRCNN if masks else FasterRCNN
-        self.rcnn = detector(ViTDetBackbone(encoder, s.fpn_channels, s.scale_factors), **kwargs)
+        window = s.window_size if s.attention == "window" else 0
+        backbone = ViTDetBackbone(encoder, s.fpn_channels, s.scale_factors, window,
+                                  s.global_blocks or evenly_spaced(encoder.depth))
+        self.rcnn = detector(backbone, **kwargs)
         heads, c = self.rcnn.roi_heads, s.fpn_channels
         heads.box_head = TwoMLPHead(c * 7 * 7, s.box_head_dim)              # 1024: the default
         heads.box_predictor = FastRCNNPredictor(s.box_head_dim, num_classes)
@@ -122,55 +135,71 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], iou_types: list[s
     return out
 
 
-@torch.no_grad()
-def evaluate(model: Detector, dataset, batch_size: int, masks: bool, dev: torch.device) -> dict[str, float]:
-    model.eval()
-    results: list[dict[str, Any]] = []
-    image_ids: list[int] = []
-    loader = DataLoader(dataset, batch_size, collate_fn=collate_pairs)
-    for images, targets in loader:
-        outputs = model([im.to(dev) for im in images])
-        for target, output in zip(targets, outputs):
-            image_ids.append(int(target["image_id"]))
-            results += to_coco_results(image_ids[-1], {k: v.cpu() for k, v in output.items()})
-    return coco_metrics(coco_of(dataset), results, ["bbox", "segm"] if masks else ["bbox"], image_ids)
+class DetectionTask(DenseTask):
+    """torchvision's two-stage detector on the ViTDet backbone; COCO AP by pycocotools."""
+    name = "detection"
 
+    def __init__(self, ctx: EvalContext, encoder: nn.Module, train_set, val_set, masks: bool) -> None:
+        super().__init__(ctx, train_set, collate_pairs)
+        s, info = ctx.section, ctx.info
+        self.val_set, self.masks, self.coco = val_set, masks, coco_of(val_set)
+        self.terms = ("classifier", "box_reg", "objectness", "rpn_box_reg") + (("mask",) if masks else ())
+        self.model = Detector(encoder, num_categories(self.coco), s, info["mean"], info["std"],
+                              masks).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(s.weight_decay, s.layer_decay),
+                                           lr=s.lr, betas=(0.9, 0.999))
 
-def train(model: Detector, loader: DataLoader, s, logger: MLflowLogger) -> float:
-    opt = torch.optim.AdamW(model.param_groups(s.weight_decay, s.layer_decay), lr=s.lr, betas=(0.9, 0.999))
-    sched = MultiStepLRScheduler(opt, decay_t=[int(s.steps * 0.889), int(s.steps * 0.963)],
-                                 decay_rate=0.1, warmup_t=s.warmup_steps,
-                                 warmup_lr_init=s.lr * 1e-3, t_in_epochs=False)
-    dev = next(model.parameters()).device
+    def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int) -> MultiStepLRScheduler:
+        s = self.ctx.section
+        return MultiStepLRScheduler(optimizer, decay_t=[int(total_steps * 0.889), int(total_steps * 0.963)],
+                                    decay_rate=0.1, warmup_t=s.warmup_steps,
+                                    warmup_lr_init=s.lr * 1e-3, t_in_epochs=False)
 
-    def step_loss(model: Detector, batch) -> dict[str, torch.Tensor]:
-        images, targets = batch
-        losses = model([im.to(dev) for im in images],
-                       [{k: v.to(dev) for k, v in t.items() if k != "image_id"} for t in targets])
-        return {k.removeprefix("loss_"): v for k, v in losses.items()}
+    def forward(self, engine, batch) -> dict[str, torch.Tensor]:
+        images, targets = to_device(batch, self.device)
+        losses = engine(images, [{k: v for k, v in t.items() if k != "image_id"} for t in targets])
+        terms = {k.removeprefix("loss_"): v.float() for k, v in losses.items()}
+        return {"loss": sum(terms.values()), **terms}
 
-    return fit(model, loader, s.steps, opt, sched, step_loss, logger, "detection")
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Each rank detects on its shard of the validation images (in training-sized batches:
+        a Mask R-CNN keeps ~1000 proposals per image); rank 0 scores all of them."""
+        model.eval()
+        results: list[dict[str, Any]] = []
+        image_ids: list[int] = []
+        shard = Subset(self.val_set, list(self.my_shard(len(self.val_set))))
+        for images, targets in DataLoader(shard, self.micro, collate_fn=collate_pairs):
+            outputs = model([im.to(self.device) for im in images])
+            for target, output in zip(targets, outputs):
+                image_ids.append(int(target["image_id"]))
+                results += to_coco_results(image_ids[-1], {k: v.float().cpu() for k, v in output.items()})
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, (results, image_ids))
+            results = [r for rs, _ in gathered for r in rs]
+            image_ids = [i for _, ids in gathered for i in ids]
+        return coco_metrics(self.coco, results, ["bbox", "segm"] if self.masks else ["bbox"],
+                            sorted(image_ids))
 
 
 def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
-    s, info, dev = ctx.section, ctx.info, device()
+    s, info = ctx.section, ctx.info
     if info.get("format") != "coco":
         raise ValueError(f"detection reads the COCO layout; {info['name']} is {info.get('format')!r}")
     train_set = coco_detection(info["root"], "train", train=True)
     val_set = coco_detection(info["root"], "val", train=False, max_samples=s.max_val_samples)
-    coco = coco_of(val_set)
     masks = has_masks(coco_of(train_set))
-    print(f"[detection] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
-          f"{len(coco.getCatIds())} categories, {'Mask' if masks else 'Faster'} R-CNN", flush=True)
+    if ctx.proc.env.is_main:
+        print(f"[detection] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
+              f"{len(coco_of(val_set).getCatIds())} categories, {'Mask' if masks else 'Faster'} "
+              f"R-CNN, {s.attention} attention", flush=True)
     for b in ctx.baselines:
         encoder = encoder_for(ctx.run, ctx.cfg, b, drop_path=s.drop_path)
-        torch.manual_seed(ctx.cfg.train.seed)          # same head init and data order per encoder
-        model = Detector(encoder, num_categories(coco), s, info["mean"], info["std"], masks).to(dev)
-        loader = train_loader(train_set, s.batch_size, ctx.cfg, collate_pairs)
-        train_loss = train(model, loader, s, ctx.loggers[b])
-        # inference in training-sized batches: a Mask R-CNN keeps ~1000 proposals per image
-        metrics = evaluate(model, val_set, s.batch_size, masks, dev)
-        yield b, {**metrics, "train_loss": train_loss}
+        ctx.seed()                                   # same heads on every rank and per encoder
+        task = DetectionTask(ctx, encoder, train_set, val_set, masks)
+        ctx.seed(rank_offset=True)                   # proposal sampling, drop path per rank
+        yield b, ctx.fit(b, task, task.budget())
 
 
 def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evaluation.common import frozen, parse_args, run_eval
+from evaluation.common import EvalContext, parse_args, run_eval
+from evaluation.features import frozen
 
 
 @torch.no_grad()
@@ -40,7 +41,10 @@ def knn_accuracy(train_f, train_y, test_f, test_y, ks, temperature, num_classes)
     return out
 
 
-def compute(train_f, train_y, val_f, val_y, num_classes: int, kc) -> dict[str, float]:
+def compute(ctx: EvalContext, baseline: str, train_f, train_y, val_f, val_y,
+            num_classes: int) -> dict[str, float]:
+    """Every rank computes the same votes from the same gathered features (no training)."""
+    kc = ctx.section
     metrics = knn_accuracy(train_f, train_y, val_f, val_y, kc.ks, kc.temperature, num_classes)
     metrics["top1"] = metrics[f"knn_top1_k{20 if 20 in kc.ks else kc.ks[0]}"]  # k=20: DINO's usual best
     return metrics

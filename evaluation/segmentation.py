@@ -8,8 +8,11 @@ UperNet; the finest logits are upsampled to the input. Training: random resize (
 PolyLRScheduler), cross-entropy ignoring label 255. Inference: sliding ``crop_size`` windows
 with ``stride`` over the image resized to ``scale``, logits averaged where windows overlap, then
 resized to the label's size. Metrics: mIoU (mean over classes with a non-empty union, as
-mmsegmentation), per-class IoU, pixel accuracy, mean class accuracy. Not reproduced: the
-auxiliary FCN head (loss weight 0.4) and the photometric distortion of mmsegmentation.
+mmsegmentation), per-class IoU, pixel accuracy, mean class accuracy; every ``eval_every``
+iterations and at the end (``val/miou`` ... : the curve). Trained by the one training loop
+(checkpoints, exact resume after a requeue, NaN stop) on all of the job's ranks, each taking
+its slice of every batch and its shard of the validation images. Not reproduced: the auxiliary
+FCN head (loss weight 0.4) and the photometric distortion of mmsegmentation.
 
     python -m evaluation.segmentation --run-dir runs/<name> [--dataset ade20k] [--set KEY=VALUE] [--baseline random_init]
 """
@@ -23,11 +26,13 @@ import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 from torch import nn
 
-from evaluation.common import EvalContext, device, encoder_for, fit, parse_args, run_eval, train_loader
+import torch.distributed as dist
+
+from evaluation.common import EvalContext, encoder_for, parse_args, run_eval
 from evaluation.dense_heads import UperNetHead, default_blocks
+from evaluation.dense_task import DenseTask, to_device
 from evaluation.layer_decay import EncoderModel
 from hpc_mim.data.dense import ADE20K, IGNORE, segmentation_transform
-from hpc_mim.tracking import MLflowLogger
 
 
 class Segmenter(EncoderModel):
@@ -87,34 +92,49 @@ def slide_logits(model: nn.Module, image: torch.Tensor, num_classes: int, crop: 
     return logits / count
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: ADE20K, num_classes: int, crop: int, stride: int,
-             dev: torch.device) -> dict[str, float]:
-    model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for image, label in dataset:
-        logits = slide_logits(model, image[None].to(dev), num_classes, crop, stride)
-        logits = F.interpolate(logits, label.shape[-2:], mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1)[0].cpu(), label, num_classes)
-    return segmentation_metrics(conf)
+class SegmentationTask(DenseTask):
+    """UperNet on the encoder, trained on ADE20K-layout crops; mIoU by sliding windows."""
+    name = "segmentation"
+    terms = ()
 
+    def __init__(self, ctx: EvalContext, encoder: nn.Module, train_set: ADE20K, val_set: ADE20K) -> None:
+        super().__init__(ctx, train_set)
+        s, self.val_set = ctx.section, val_set
+        self.num_classes = ctx.info["num_classes"]
+        self.model = Segmenter(encoder, self.num_classes, s.channels,
+                               s.blocks or default_blocks(encoder.depth), s.rescales).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(s.weight_decay, s.layer_decay),
+                                           lr=s.lr, betas=(0.9, 0.999))
 
-def train(model: Segmenter, loader, s, logger: MLflowLogger) -> float:
-    opt = torch.optim.AdamW(model.param_groups(s.weight_decay, s.layer_decay), lr=s.lr, betas=(0.9, 0.999))
-    sched = PolyLRScheduler(opt, t_initial=max(1, s.steps - s.warmup_steps), power=1.0, lr_min=0.0,
-                            warmup_t=s.warmup_steps, warmup_lr_init=s.lr * 1e-6, warmup_prefix=True,
-                            t_in_epochs=False)
-    dev = next(model.parameters()).device
+    def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int) -> PolyLRScheduler:
+        s = self.ctx.section
+        return PolyLRScheduler(optimizer, t_initial=max(1, total_steps - s.warmup_steps), power=1.0,
+                               lr_min=0.0, warmup_t=s.warmup_steps, warmup_lr_init=s.lr * 1e-6,
+                               warmup_prefix=True, t_in_epochs=False)
 
-    def step_loss(model: Segmenter, batch) -> dict[str, torch.Tensor]:
-        x, y = batch
-        return {"ce": F.cross_entropy(model(x.to(dev)), y.to(dev), ignore_index=IGNORE)}
+    def forward(self, engine, batch) -> dict[str, torch.Tensor]:
+        x, y = to_device(batch, self.device)
+        return {"loss": F.cross_entropy(engine(x).float(), y, ignore_index=IGNORE)}
 
-    return fit(model, loader, s.steps, opt, sched, step_loss, logger, "segmentation")
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Each rank segments its shard of the validation images; the confusion matrices are
+        summed over ranks (one all-reduce), so every rank returns the same metrics."""
+        model.eval()
+        s, k = self.ctx.section, self.num_classes
+        conf = torch.zeros(k, k, dtype=torch.long, device=self.device)
+        for i in self.my_shard(len(self.val_set)):
+            image, label = self.val_set[i]
+            logits = slide_logits(model, image[None].to(self.device), k, s.crop_size, s.stride)
+            logits = F.interpolate(logits.float(), label.shape[-2:], mode="bilinear", align_corners=False)
+            conf += confusion_matrix(logits.argmax(1)[0], label.to(self.device), k)
+        if self.world > 1:
+            dist.all_reduce(conf)
+        return segmentation_metrics(conf.cpu())
 
 
 def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
-    s, info, dev = ctx.section, ctx.info, device()
+    s, info = ctx.section, ctx.info
     if info.get("format") != "ade20k":
         raise ValueError(f"segmentation reads the ADE20K layout; {info['name']} is {info.get('format')!r}")
     train_set = ADE20K(info["root"], "train",
@@ -122,16 +142,15 @@ def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
     val_set = ADE20K(info["root"], "val",
                      segmentation_transform(False, s.scale, s.crop_size, info["mean"], info["std"]),
                      max_samples=s.max_val_samples)
-    print(f"[segmentation] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
-          f"{info['num_classes']} classes", flush=True)
+    if ctx.proc.env.is_main:
+        print(f"[segmentation] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
+              f"{info['num_classes']} classes", flush=True)
     for b in ctx.baselines:
         encoder = encoder_for(ctx.run, ctx.cfg, b, drop_path=s.drop_path)
-        torch.manual_seed(ctx.cfg.train.seed)          # same head init and data order per encoder
-        model = Segmenter(encoder, info["num_classes"], s.channels,
-                          s.blocks or default_blocks(encoder.depth), s.rescales).to(dev)
-        train_loss = train(model, train_loader(train_set, s.batch_size, ctx.cfg), s, ctx.loggers[b])
-        metrics = evaluate(model, val_set, info["num_classes"], s.crop_size, s.stride, dev)
-        yield b, {**metrics, "train_loss": train_loss}
+        ctx.seed()                                   # same head on every rank and per encoder
+        task = SegmentationTask(ctx, encoder, train_set, val_set)
+        ctx.seed(rank_offset=True)                   # drop path differs between ranks
+        yield b, ctx.fit(b, task, task.budget())
 
 
 def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",

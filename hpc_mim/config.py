@@ -208,14 +208,14 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
-    """Resources for the pre-training job (evaluations take one task each)."""
+    """Resources for the pre-training job (each evaluation's: eval.<name>.nodes, ...)."""
     partition: str = ""
     nodes: int = 1
     tasks_per_node: int = 1             # = GPUs per node on a GPU cluster
     gpus_per_node: int = 0
     cpus_per_task: int = 2
     time_min: int = 60
-    eval_time_min: int = 60
+    eval_time_min: int = 60             # the evaluations' time limit unless eval.<name>.time_min
     max_restarts: int = 20              # requeues after preemption / time limit / killed tasks
     rendezvous_timeout_s: int = 300     # all ranks must have joined by then, else a clear error
     collective_timeout_s: int = 1800    # how long a collective waits for the slowest rank
@@ -251,7 +251,10 @@ class Config:
         self.method.validate(depth=self.model.depth)   # noise_block is checked against depth
         world = self.cluster.nodes * self.cluster.tasks_per_node
         self.train.accumulation(world)
-        labels = [label for label, _, _ in self.eval_jobs()]       # also checks every dataset
+        jobs = self.eval_jobs()                                    # also checks every dataset
+        for label, name, _ in jobs:
+            getattr(self.eval, name).check_resources(name, self.cluster)
+        labels = [label for label, _, _ in jobs]
         _check(len(set(labels)) == len(labels), "evals", f"{self.evals} lists a job twice")
         return self
 

@@ -38,7 +38,62 @@ def _check_pooling(section: str, pooling: str) -> None:
 
 
 @dataclass
-class KNNConfig:
+class Resources:
+    """The evaluation job's share of the cluster. 0 (or -1 for GPUs) = as pre-training
+    (``cluster.nodes``, ``cluster.gpus_per_node``, ``cluster.tasks_per_node``,
+    ``cluster.eval_time_min``); one task per GPU on a GPU cluster."""
+    nodes: int = 1
+    gpus_per_node: int = -1
+    tasks_per_node: int = 0
+    time_min: int = 0
+
+    def resources(self, cluster) -> tuple[int, int, int, int]:
+        """(nodes, tasks per node, GPUs per node, minutes) with the defaults resolved."""
+        gpus = cluster.gpus_per_node if self.gpus_per_node < 0 else self.gpus_per_node
+        tasks = self.tasks_per_node or (gpus if gpus else cluster.tasks_per_node)
+        return (self.nodes or cluster.nodes, tasks, gpus, self.time_min or cluster.eval_time_min)
+
+    def check_resources(self, key: str, cluster) -> int:
+        """The job's world size, after checking that its batches divide over it."""
+        for name in ("nodes", "tasks_per_node", "time_min"):
+            _check(getattr(self, name) >= 0, f"{key}.{name}", "must be >= 0 (0: as pre-training)")
+        nodes, tasks, gpus, _ = self.resources(cluster)
+        _check(not gpus or tasks == gpus, f"{key}.tasks_per_node",
+               f"{tasks} tasks for {gpus} GPUs per node: one task per GPU")
+        world = nodes * tasks
+        if not isinstance(self, Trained):     # the probe rounds its batch to the world size
+            return world
+        batch = self.batch_size
+        micro = getattr(self, "micro_batch_size", 0) or max(1, batch // world)
+        _check(batch % (micro * world) == 0 and micro > 0, f"{key}.batch_size",
+               f"{batch} does not divide over {nodes} node(s) x {tasks} task(s)"
+               + (f" x micro batch {micro}" if getattr(self, "micro_batch_size", 0) else "")
+               + f"; set eval.{key}.batch_size, .nodes or .tasks_per_node")
+        return world
+
+
+@dataclass
+class Trained(Resources):
+    """How a trained evaluation is logged and checkpointed by the one training loop."""
+    log_every: int = 50                 # optimizer steps between loss points
+    checkpoint_every: int = 1000        # steps between checkpoints (and at each epoch's end)
+    eval_every: int = 0                 # steps between evaluations (the curve); 0 = at the end only
+    precision: str = "bf16"             # the papers trained with AMP; bf16 = autocast, fp32 weights
+    zero_stage: int = 2
+    clip_grad: float = 0.0
+
+    def check_trained(self, key: str) -> None:
+        _check(self.precision in ("fp32", "bf16"), f"{key}.precision", "choose fp32 or bf16")
+        _check(self.zero_stage in (0, 1, 2), f"{key}.zero_stage",
+               f"{self.zero_stage}; choose 0-2 (every rank's inference runs its own shard of "
+               "the validation set, which ZeRO-3's gathers would have to match batch for batch)")
+        for name in ("log_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
+        _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
+
+
+@dataclass
+class KNNConfig(Resources):
     """DINO's weighted kNN: L2-normalised features, votes weighted by exp(sim / T)."""
     dataset: str = ""
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
@@ -51,7 +106,7 @@ class KNNConfig:
 
 
 @dataclass
-class LinearProbeConfig:
+class LinearProbeConfig(Resources):
     """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, LARS."""
     dataset: str = ""
     epochs: int = 90
@@ -67,13 +122,15 @@ class LinearProbeConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """MAE's end-to-end fine-tuning (arXiv 2111.06377 App. A.3, ViT-B values), on DeepSpeed."""
+class FinetuneConfig(Trained):
+    """MAE's end-to-end fine-tuning (arXiv 2111.06377 App. A.3, ViT-B values), on DeepSpeed;
+    on as many GPUs as pre-training (MAE: 1024 = 32 per GPU x 32)."""
+    nodes: int = 0
     dataset: str = ""
     epochs: int = 100
     warmup_epochs: float = 5
     batch_size: int = 1024              # global; lr = blr * batch_size / 256
-    micro_batch_size: int = 64          # per process; the rest is gradient accumulation
+    micro_batch_size: int = 0           # per process (0 = batch / world); the rest is accumulation
     blr: float = 5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
@@ -86,29 +143,20 @@ class FinetuneConfig:
     randaug_magnitude: int = 9
     reprob: float = 0.25                # random erasing probability
     pooling: str = "mean"               # MAE fine-tunes on the average of the patch tokens
-    precision: str = "bf16"             # MAE fine-tunes with AMP; bf16 = autocast, fp32 weights
-    zero_stage: int = 2
-    clip_grad: float = 0.0
     max_train_samples: int = 0
     max_steps: int = 0                  # > 0 stops early (tests)
 
     def validate(self) -> None:
         _check_pooling("finetune", self.pooling)
-        _check(self.batch_size % self.micro_batch_size == 0, "finetune.batch_size",
-               f"{self.batch_size} is not a multiple of eval.finetune.micro_batch_size={self.micro_batch_size}")
+        self.check_trained("finetune")
+        _check(not self.micro_batch_size or self.batch_size % self.micro_batch_size == 0,
+               "finetune.batch_size", f"{self.batch_size} is not a multiple of "
+               f"eval.finetune.micro_batch_size={self.micro_batch_size}")
         _check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]")
-        _check(self.precision in ("fp32", "bf16"), "finetune.precision", "choose fp32 or bf16")
-
-    # DeepSpeed reads the same names as train.* (hpc_mim.distributed.deepspeed.ds_config)
-    def accumulation(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        _check(self.batch_size % per_step == 0, "finetune.batch_size",
-               f"{self.batch_size} is not divisible by micro batch x world size = {per_step}")
-        return self.batch_size // per_step
 
 
 @dataclass
-class SegmentationConfig:
+class SegmentationConfig(Trained):
     """UperNet on four ViT blocks (mmsegmentation's MAE ADE20K setup: 160k iterations of batch
     16, AdamW lr 1e-4, layer decay 0.65, 1500 warmup iterations then poly, 512 crops)."""
     dataset: str = "ade20k"
@@ -128,15 +176,18 @@ class SegmentationConfig:
     max_val_samples: int = 0
 
     def validate(self) -> None:
+        self.check_trained("segmentation")
         _check_factors("segmentation.rescales", self.rescales)
         _check(0 < self.stride <= self.crop_size, "segmentation.stride", "must be in (0, crop_size]")
         _check(not self.blocks or len(self.blocks) == 4, "segmentation.blocks", "give four block indices")
 
 
 @dataclass
-class DetectionConfig:
+class DetectionConfig(Trained):
     """ViTDet (arXiv 2203.16527): simple feature pyramid from the last block, Mask R-CNN;
-    ViT-B COCO values (batch 64, AdamW lr 1e-4, wd 0.1, layer decay 0.7, 1024 px)."""
+    ViT-B COCO values (batch 64 on 64 GPUs, AdamW lr 1e-4, wd 0.1, layer decay 0.7, 1024 px,
+    14 x 14 windowed attention with global attention in 4 evenly spaced blocks)."""
+    nodes: int = 0
     dataset: str = "coco"
     steps: int = 184375
     warmup_steps: int = 250
@@ -151,9 +202,16 @@ class DetectionConfig:
     box_head_dim: int = 1024            # torchvision's two-layer MLP box head
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per level
     rois_per_image: int = 512
+    attention: str = "window"           # window: ViTDet's windows + global_blocks | global: every block
+    window_size: int = 14               # tokens per window side
+    global_blocks: list[int] = field(default_factory=list)  # [] = 4 evenly spaced (ViT-B: 2, 5, 8, 11)
     max_val_samples: int = 0
 
     def validate(self) -> None:
+        self.check_trained("detection")
+        _check(self.attention in ("window", "global"), "detection.attention",
+               f"{self.attention!r}; choose window or global")
+        _check(self.window_size >= 1, "detection.window_size", "must be >= 1")
         _check(len(self.anchor_sizes) == 5, "detection.anchor_sizes",
                "one size per pyramid level: the four scale_factors levels and the pooled one")
         _check_factors("detection.scale_factors", self.scale_factors)

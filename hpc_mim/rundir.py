@@ -6,7 +6,10 @@
       checkpoints/       DeepSpeed checkpoints: step_<n>/ folders + an atomic ``latest`` pointer
       encoder.pt         exported encoder weights + model config (what evaluations load)
       evals/<name>.json  each evaluation's final metrics (evals/features/: cached frozen features)
-      logs/pretrain.log  rank 0's progress lines (logs/starts.log: one line per (re)start)
+      evals/state/<name>-<hash>/  an evaluation's checkpoints/, child.json (its MLflow child
+                         run, whether it finished) and starts.log, kept across requeues
+      logs/pretrain.log  rank 0's progress lines (logs/<job>.log: an evaluation's; logs/starts.log:
+                         one line per (re)start of pre-training)
       spool/<run_id>.jsonl  MLflow calls made while the tracking server was unreachable
                          (pending-<uuid>.jsonl: a run to create; .run_id: the id it got)
       jobs/              submitit folders: sbatch scripts, logs, pickled results

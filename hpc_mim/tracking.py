@@ -90,7 +90,7 @@ class MLflowLogger:
         """A new run. With ``spool_dir``, an unreachable server does not fail the job: the run
         is created later, when the spool is replayed, and everything logged meanwhile goes
         into it."""
-        tags = dict(tags or {})
+        tags = {k: str(v) for k, v in (tags or {}).items()}     # MLflow's REST API takes strings
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         try:

@@ -38,11 +38,13 @@ def build_plan(cfg: Config, run_dir: str) -> list[JobSpec]:
                        gpus_per_node=c.gpus_per_node, time_min=c.time_min,
                        max_restarts=c.max_restarts)
     # each evaluation depends on pre-training only: one that fails does not hold up the others
-    evals = [JobSpec(label, EVALUATIONS[name], {"run_dir": run_dir, "dataset": dataset, "label": label},
-                     nodes=1, tasks_per_node=1, cpus_per_task=c.cpus_per_task,
-                     gpus_per_node=min(1, c.gpus_per_node), time_min=c.eval_time_min,
-                     max_restarts=c.max_restarts, after=["pretrain"])
-             for label, name, dataset in cfg.eval_jobs()]
+    evals = []
+    for label, name, dataset in cfg.eval_jobs():
+        nodes, tasks, gpus, minutes = getattr(cfg.eval, name).resources(c)
+        evals.append(JobSpec(label, EVALUATIONS[name], {"run_dir": run_dir, "dataset": dataset, "label": label},
+                             nodes=nodes, tasks_per_node=tasks, cpus_per_task=c.cpus_per_task,
+                             gpus_per_node=gpus, time_min=minutes, max_restarts=c.max_restarts,
+                             after=["pretrain"]))
     return [pretrain, *evals]
 
 

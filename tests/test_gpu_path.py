@@ -68,6 +68,7 @@ def counted_loop(*args):                   # the training loop's syncs, not the 
     report["syncs"] = dict(syncs.sites)
 trainer.loop = counted_loop
 trainer.fit()
+dist.all_reduce = all_reduce               # pre-training's collectives only
 exported = load_encoder(run.encoder).state_dict()
 live = method.encoder.state_dict()
 report["export_equal"] = all(torch.equal(exported[k], live[k].float()) for k in exported)
@@ -94,7 +95,7 @@ def test_bf16_lut_run_keeps_teacher_statistics_losses_and_export_fp32(tmp_path, 
     report = json.loads(r.stdout.split("REPORT ", 1)[1])
 
     # every tensor our code hands to a collective lives on the training device, fp32
-    ours = [c for c in report["collectives"] if c[0] == "trainer.py"]
+    ours = [c for c in report["collectives"] if c[0] == "loop.py"]
     assert len(ours) == STEPS + STEPS // LOG_EVERY                 # agree per step + each log
     assert {(d, t) for _, d, t in ours} == {(report["device"], "torch.float32")}
     assert {d for _, d, _ in report["collectives"]} == {report["device"]}
@@ -102,7 +103,7 @@ def test_bf16_lut_run_keeps_teacher_statistics_losses_and_export_fp32(tmp_path, 
     # host syncs of the loop: one per step (agree) and one per log point, none per micro-batch
     loop_syncs = report["syncs"]
     assert sum(loop_syncs.values()) == STEPS + STEPS // LOG_EVERY, loop_syncs
-    assert all(site.startswith("hpc_mim/train/trainer.py") for site in loop_syncs), loop_syncs
+    assert all(site.startswith("hpc_mim/train/loop.py") for site in loop_syncs), loop_syncs
 
     # the EMA teacher is fp32 and moves by exactly the fp32 momentum step (bf16 rounds it away)
     assert len(report["ema"]) == STEPS

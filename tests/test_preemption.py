@@ -128,38 +128,3 @@ def test_usr2_requeue_and_sigkill_each_resume_to_the_uninterrupted_weights(tmp_p
             assert len(history) == STEPS               # every step exactly once
         if how == "usr2":
             assert "requeued job" in logs
-
-
-def test_evaluation_job_sent_usr2_is_requeued_and_restarts_cleanly(tmp_path, slurm_cluster, data_root):
-    """An evaluation has no checkpoints: on USR2 its child run ends KILLED (not FAILED), the job
-    requeues itself and runs the evaluation again from the start into a new child run."""
-    r = submit("--method", "mae", "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
-               "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=ev",
-               "--set", "evals=[segmentation]", "--set", "eval.baselines=[]",
-               "--set", "eval.segmentation.steps=200")
-    assert r.returncode == 0, r.stderr
-    ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
-    run_dir = tmp_path / "ev"
-
-    def training_started() -> bool:
-        logs = list((run_dir / "jobs" / "segmentation").rglob("*_0_log.out"))
-        return bool(logs) and "[segmentation] step" in logs[0].read_text()
-
-    wait_until(training_started, "the segmentation job's first steps", timeout=400)
-    subprocess.run(["scancel", "--signal=USR2", ids["segmentation"]], check=True)
-    states = wait_for(ids, timeout=400)
-    logs = "\n".join(p.read_text() for p in (run_dir / "jobs").rglob("*_log.*"))
-    assert states == {"pretrain": "COMPLETED", "segmentation": "COMPLETED"}, logs[-4000:]
-    assert scontrol(ids["segmentation"])["Restarts"] == "1"
-    assert "stopped by SIGUSR2; requeued job" in logs
-
-    tracking = json.loads((run_dir / "tracking.json").read_text())
-    client = MlflowClient(tracking["uri"])
-    children = client.search_runs([tracking["experiment_id"]],
-                                  f"tags.mlflow.parentRunId = '{tracking['run_id']}'",
-                                  order_by=["attributes.start_time ASC"])
-    assert [c.info.status for c in children] == ["KILLED", "FINISHED"]
-    assert "stopped by SIGUSR2" in children[0].data.tags["stopped"]
-    assert "miou" in children[1].data.metrics
-    status = submit("--status", str(run_dir))
-    assert status.returncode == 0, status.stdout

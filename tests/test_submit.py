@@ -67,3 +67,39 @@ def test_dry_run_lists_one_job_per_evals_entry(tmp_path):
     assert r.stdout.count("#!/bin/bash") == 4
     assert "linear_probe:cub" in r.stdout and "segmentation:ade20k" in r.stdout
     assert r.stdout.count("#SBATCH --dependency='afterok:<pretrain job id>'") == 3
+
+
+def plan_rows(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        if len(cells) == 7 and cells[1].endswith(":main"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_evaluation_resources_default_to_the_paper_protocol_scale_and_are_validated(tmp_path):
+    every = "evals=[knn, linear_probe, finetune, segmentation, detection]"
+    r = submit("--method", "mae", "--nodes", "8", "--gpus-per-node", "8", "--dry-run",
+               "--set", f"runs_root={tmp_path}", "--set", every, "--set", "eval.detection.time_min=900")
+    assert r.returncode == 0, r.stderr
+    rows = plan_rows(r.stdout)
+    # fine-tuning and detection on as many GPUs as pre-training; segmentation (batch 16 = 2 per
+    # GPU) and the frozen-feature evaluations on one node of 8
+    want = {"pretrain": "8 x 8", "finetune": "8 x 8", "detection": "8 x 8", "segmentation": "1 x 8",
+            "knn": "1 x 8", "linear_probe": "1 x 8"}
+    assert {k: v[2] for k, v in rows.items()} == want, r.stdout
+    assert all(v[4] == "8" for v in rows.values())                     # GPUs per node
+    assert rows["detection"][5] == "900 min" and rows["finetune"][5] == "60 min"
+    assert r.stdout.count("#SBATCH --nodes=8") == 3
+
+    tiny = submit("--method", "mae", "--preset", "fmnist_tiny", "--nodes", "2", "--dry-run",
+                  "--set", "train.micro_batch_size=128",
+                  "--set", f"runs_root={tmp_path}", "--set", every)
+    assert {k: v[2] for k, v in plan_rows(tiny.stdout).items() if k != "pretrain"} == \
+        {k: "1 x 1" for k in want if k != "pretrain"}                   # a preset: one process each
+
+    bad = submit("--method", "mae", "--nodes", "8", "--gpus-per-node", "8", "--dry-run",
+                 "--set", f"runs_root={tmp_path}", "--set", every, "--set", "eval.segmentation.batch_size=12")
+    assert bad.returncode == 2
+    assert "eval.segmentation.batch_size: 12 does not divide over 1 node(s) x 8 task(s)" in bad.stderr

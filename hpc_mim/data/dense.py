@@ -113,3 +113,39 @@ def collate_pairs(batch: list[tuple[Any, Any]]) -> tuple[list, list]:
     """Detection batches stay lists: images differ in size, targets in instance count."""
     images, targets = zip(*batch)
     return list(images), list(targets)
+
+
+# ------------------------------------------------------------------ resumable order
+
+def draw_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (numpy's SeedSequence hash: independent streams)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class SeededSamples(Dataset):
+    """``samples[(epoch, i)]`` is ``dataset[i]`` with its random augmentation drawn from a
+    generator seeded by (seed, epoch, i): the same crop and flip whichever worker decodes it and
+    whether or not the run was interrupted before (torchvision's v2 transforms draw from
+    torch's global generator, forked here so the caller's stream is untouched)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, i = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(self.seed, epoch, i))
+            return self.dataset[i]
+
+
+def shard_batches(n: int, micro: int, rank: int, world: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches of ``epoch`` as lists of (epoch, index) keys: a permutation of
+    the ``n`` samples drawn from (seed, epoch), cut into global batches of micro x world, of
+    which rank r takes the r-th slice; the remainder is dropped."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(draw_seed(seed, epoch))).tolist()
+    per_step = micro * world
+    return [[(epoch, i) for i in order[b * per_step + rank * micro:b * per_step + (rank + 1) * micro]]
+            for b in range(n // per_step)]

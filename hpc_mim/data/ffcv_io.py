@@ -313,13 +313,15 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
                  eval_crop_ratio: float = 1.0, num_workers: int = 2, distributed: bool = False,
                  max_samples: int = 0, device: torch.device | str = "cpu",
                  extra_views: Sequence[str] = (), crop: str = "seeded", train_crop: str = "resized",
-                 crop_padding: int = 4) -> Loader:
+                 crop_padding: int = 4, shard: tuple[int, int] = (0, 1)) -> Loader:
     """A train loader (random order, RandomResizedCrop + flip, drop_last) or an eval loader
     (sequential, center crop). ``distributed`` shards with torch.distributed's rank/world.
     ``crop="stock"``: FFCV's own crop and flip decoders instead of the seeded ones (not exactly
     resumable; benchmarks/loader_throughput.py measures what the seeding costs).
     ``train_crop="pad"``: every train view is Resize + RandomCrop(``crop_padding``, reflect)
-    + flip instead of RandomResizedCrop (LUT's recipe)."""
+    + flip instead of RandomResizedCrop (LUT's recipe). ``shard=(rank, world)``: an eval
+    loader reading samples rank, rank + world, ... (no padding, unlike FFCV's distributed
+    sequential order, which repeats samples to even the shards out)."""
     check_views(extra_views)
     if crop not in ("seeded", "stock") or (crop == "stock" and (extra_views or train_crop != "resized")):
         raise ValueError(f"crop={crop!r}: 'seeded', or 'stock' without extra views and resized crops")
@@ -339,8 +341,10 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
     if device.type == "cuda":
         label_ops.append(ToDevice(device, non_blocking=True))
     indices = None
-    if max_samples:
-        indices = np.arange(min(max_samples, num_samples(path)))
+    rank, world = shard
+    if max_samples or world > 1:
+        n = num_samples(path)           # an int: numpy's uint64 count would make arange float64
+        indices = np.arange(min(max_samples, n) if max_samples else n)[rank::world]
     pipelines = {"image": _image_pipeline(decoder, flips, mean, std, device), "label": label_ops}
     decoders = [decoder] if train and crop == "seeded" else []
     for stream, name in enumerate(extra_views, start=1):   # the same field decoded again
@@ -380,4 +384,4 @@ def iterate(loader: Loader, epoch: int | None = None,
 
 
 def num_samples(path: str) -> int:
-    return Reader(path).num_samples
+    return int(Reader(path).num_samples)

@@ -9,9 +9,10 @@ Two signals mean "this job must stop soon":
   send first (then SIGKILL after KillWait, 30 s by default). SLURM decides about the requeue;
   the job only checkpoints and exits. (submitit ignores SIGTERM by default; we do not.)
 
-A long-running entry (the trainer) declares itself *cooperative* and polls ``STOP.received``
-between steps, so it can finish the step, checkpoint and raise :class:`Preempted`. Any other
-entry (an evaluation) gets :class:`Preempted` raised at once and restarts from scratch.
+The training loop (hpc_mim/train/loop.py: pre-training and the trained evaluations) declares
+itself *cooperative* and polls ``STOP.received`` between steps, so it can finish the step,
+checkpoint and raise :class:`Preempted`. Outside it (feature extraction, a final evaluation)
+:class:`Preempted` is raised at once; the requeued job redoes that part from its checkpoints.
 
 A job killed outright (SIGKILL: OOM killer, ``kill -9``, a node lost) cannot do anything; its
 batch script requeues it (jobs/launcher.py) and it resumes from the last periodic checkpoint.
@@ -80,6 +81,15 @@ class StopRequests:
 
 
 STOP = StopRequests()
+
+
+def ignore_in_worker(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of a torch DataLoader: its worker processes ignore the stop signals.
+    SLURM signals every process of the job step; torch's worker handler dies on SIGTERM, and
+    the main process would then fail with "DataLoader worker ... killed by signal" instead of
+    finishing the step and checkpointing. The main process ends the workers itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def requeue_self(max_restarts: int) -> str:

@@ -1,0 +1,133 @@
+"""Frozen features for kNN and the linear probe: extracted once per encoder by all of the job's
+ranks (each a 1/world shard of the split, on its GPU when it has one), gathered, and cached in
+run/evals/features/ under the encoder's identity (the exported file's digest, or the
+architecture and seed of the random-init encoder), so both evaluations, and a requeued job,
+reuse them.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from evaluation.common import EvalContext, encoder_for
+from hpc_mim.config import Config
+from hpc_mim.data.ffcv_io import build_loader, iterate
+from hpc_mim.rundir import RunDir
+
+
+@torch.no_grad()
+def extract_features(encoders: dict[str, torch.nn.Module | None], path: str, cfg: Config,
+                     info: dict[str, Any], pooling: str, max_samples: int, device: torch.device,
+                     rank: int = 0, world: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features (N, D) and labels (N,) of a split, on ``device``, for several encoders in one
+    pass over the data (center crop, no augmentation). An encoder of None means the raw
+    normalised pixels. This rank reads samples rank, rank + world, ...; the shards are then
+    gathered into the split's order on every rank."""
+    loader = build_loader(path, cfg.eval.batch_size, cfg.model.img_size, info["mean"], info["std"],
+                          train=False, eval_crop_ratio=info.get("eval_crop_ratio", 1.0),
+                          num_workers=cfg.data.num_workers, max_samples=max_samples, device=device,
+                          shard=(rank, world))
+    for encoder in encoders.values():
+        if encoder is not None:
+            encoder.to(device).eval()
+    feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    labels = []
+    for batch in iterate(loader):
+        x = batch["image"].to(device)
+        for name, encoder in encoders.items():
+            f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling)
+            # clone: FFCV recycles its batch buffers, so a kept view would be overwritten
+            feats[name].append(f.float().clone())
+        labels.append(batch["label"].to(device).clone())
+    y = gather_shards(torch.cat(labels), world)
+    return {name: (gather_shards(torch.cat(f), world), y) for name, f in feats.items()}
+
+
+def gather_shards(local: torch.Tensor, world: int) -> torch.Tensor:
+    """Rows r, r + world, r + 2 world, ... held by rank r -> all rows in order, on every rank.
+    Shards differ in length by at most one: each is padded to the longest for the all-gather."""
+    if world == 1:
+        return local
+    sizes = [torch.zeros((), dtype=torch.long, device=local.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(local), device=local.device))
+    longest = max(int(s) for s in sizes)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = local.new_empty((sum(int(s) for s in sizes), *local.shape[1:]))
+    for r, (part, size) in enumerate(zip(parts, sizes)):
+        out[r::world] = part[:int(size)]
+    return out
+
+
+def encoder_key(run: RunDir, cfg: Config, baseline: str) -> str:
+    """What identifies an encoder's features: the exported file's content, or for the
+    random-init baseline the architecture and the seed it is drawn with."""
+    if baseline == "pixels":
+        return "pixels"
+    source = run.encoder.read_bytes() if run.encoder.is_file() else repr(cfg.model).encode()
+    if baseline == "random_init":
+        blob = torch.load(run.encoder, weights_only=True)["model"] if run.encoder.is_file() else cfg.model
+        source = f"{blob!r}-seed{cfg.train.seed}".encode()
+    return f"{baseline or 'pretrained'}-{hashlib.sha256(source).hexdigest()[:12]}"
+
+
+def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling: str,
+                    max_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Features of one split per encoder, on this rank's device: from the cache, or extracted
+    by every rank and written by rank 0 (atomically: a concurrent job sees all or nothing)."""
+    run, cfg, info, proc = ctx.run, ctx.cfg, ctx.info, ctx.proc
+
+    def path(baseline: str) -> Path:
+        key = (f"{encoder_key(run, cfg, baseline)}-{info['name']}-{split}-{pooling}-"
+               f"{cfg.model.img_size}px-{max_samples or 'all'}")
+        return run.evals / "features" / f"{key}.pt"
+
+    missing = [b for b in baselines if not path(b).is_file()]
+    dist.barrier()                  # every rank agrees on what is missing before rank 0 writes
+    out = {}
+    if missing:
+        encoders = {b: encoder_for(run, cfg, b) for b in missing}
+        out = extract_features(encoders, info[split], cfg, info, pooling, max_samples, proc.device,
+                               proc.env.rank, proc.env.world_size)
+        if proc.env.is_main:
+            for b, (f, y) in out.items():
+                path(b).parent.mkdir(parents=True, exist_ok=True)
+                tmp = path(b).with_name(f".{path(b).name}.tmp{os.getpid()}")
+                torch.save((f.cpu(), y.cpu()), tmp)
+                os.replace(tmp, path(b))
+    for b in baselines:
+        if b not in out:
+            f, y = torch.load(path(b), weights_only=True)
+            out[b] = (f.to(proc.device), y.to(proc.device))
+    return out
+
+
+# compute(ctx, baseline, train_f, train_y, val_f, val_y, num_classes) -> metrics
+Compute = Callable[..., dict[str, float]]
+
+
+def frozen(compute: Compute) -> Callable[[EvalContext], Iterator[tuple[str, dict[str, float]]]]:
+    """A body for frozen-feature evaluations: features of every encoder (cached, or from one
+    sharded pass over the data), then ``compute`` per encoder on the job's device (the kNN
+    similarity matrix and the probe's training are GPU work)."""
+    def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
+        if not ctx.baselines:
+            return
+        s, start = ctx.section, time.time()
+        train = cached_features(ctx, ctx.baselines, "train", s.pooling, s.max_train_samples)
+        val = cached_features(ctx, ctx.baselines, "val", s.pooling, 0)
+        shapes = ", ".join(f"{b or 'pretrained'} {tuple(train[b][0].shape)}" for b in ctx.baselines)
+        if ctx.proc.env.is_main:
+            print(f"[eval] train features {shapes}; {len(val[ctx.baselines[0]][1])} val, "
+                  f"{ctx.proc.env.world_size} rank(s), {time.time() - start:.1f}s", flush=True)
+        for b in ctx.baselines:
+            yield b, compute(ctx, b, *train[b], *val[b], ctx.info["num_classes"])
+    return body
