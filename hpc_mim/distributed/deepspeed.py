@@ -39,9 +39,11 @@ def init_distributed(env: DistEnv, device: torch.device, rendezvous_timeout_s: i
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         try:
-            store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
-                                  is_master=env.rank == 0, wait_for_workers=True,
-                                  timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
+            # one process needs no rendezvous: an in-process store binds no port (a free port
+            # probed earlier can be taken by another job on the node before the store binds it)
+            store = dist.HashStore() if env.world_size == 1 else dist.TCPStore(
+                env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
+                wait_for_workers=True, timeout=datetime.timedelta(seconds=rendezvous_timeout_s))
             dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                     timeout=datetime.timedelta(seconds=collective_timeout_s),
                                     device_id=device if device.type == "cuda" else None)

@@ -21,7 +21,9 @@ def separable(n: int = 600):
     return x, (x @ w).argmax(1)
 
 
-def probe(tmp_path, epochs: int, rank: int = 0, world: int = 1) -> tuple[dict, TrainLoop]:
+def probe(tmp_path, monkeypatch, epochs: int, rank: int = 0, world: int = 1) -> tuple[dict, TrainLoop]:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)   # join() exports them: not into later tests' jobs
     x, y = separable()
     lp = LinearProbeConfig(epochs=epochs, warmup_epochs=2, batch_size=64, blr=0.1)
     torch.manual_seed(0)
@@ -32,8 +34,8 @@ def probe(tmp_path, epochs: int, rank: int = 0, world: int = 1) -> tuple[dict, T
     return loop.fit(), loop
 
 
-def test_probe_learns_a_linearly_separable_problem_through_the_training_loop(tmp_path):
-    out, loop = probe(tmp_path, epochs=30)
+def test_probe_learns_a_linearly_separable_problem_through_the_training_loop(tmp_path, monkeypatch):
+    out, loop = probe(tmp_path, monkeypatch, epochs=30)
     assert out["top1"] >= 85 and out["top5"] == 100.0
     assert loop.total_steps == 30 * (500 // 64)
     assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{loop.total_steps:08d}"
