@@ -84,9 +84,10 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
     """Features of one split per encoder, on this rank's device: from the cache, or extracted
     by every rank and written by rank 0 (atomically: a concurrent job sees all or nothing)."""
     run, cfg, info, proc = ctx.run, ctx.cfg, ctx.info, ctx.proc
+    encoders = {b: encoder_key(run, cfg, b) for b in baselines}    # hashes encoder.pt once
 
     def path(baseline: str) -> Path:
-        key = (f"{encoder_key(run, cfg, baseline)}-{info['name']}-{split}-{pooling}-"
+        key = (f"{encoders[baseline]}-{info['name']}-{split}-{pooling}-"
                f"{cfg.model.img_size}px-{max_samples or 'all'}")
         return run.evals / "features" / f"{key}.pt"
 
@@ -94,8 +95,8 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
     dist.barrier()                  # every rank agrees on what is missing before rank 0 writes
     out = {}
     if missing:
-        encoders = {b: encoder_for(run, cfg, b) for b in missing}
-        out = extract_features(encoders, info[split], cfg, info, pooling, max_samples, proc.device,
+        models = {b: encoder_for(run, cfg, b) for b in missing}
+        out = extract_features(models, info[split], cfg, info, pooling, max_samples, proc.device,
                                proc.env.rank, proc.env.world_size)
         if proc.env.is_main:
             for b, (f, y) in out.items():
