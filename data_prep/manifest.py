@@ -1,20 +1,13 @@
 """Writing one converted split: the .beton file and its manifest (counts, classes, checksum)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from hpc_mim.datasets import file_sha256 as sha256
 
 
 def write_manifest(beton: Path, *, source: str, classes: list[str], labels: list[int],

@@ -6,4 +6,5 @@ EVALUATIONS: dict[str, str] = {
     "finetune": "evaluation.finetune:main",
     "segmentation": "evaluation.segmentation:main",
     "detection": "evaluation.detection:main",
+    "diagnostics": "evaluation.diagnostics:main",
 }

@@ -120,13 +120,14 @@ Body = Callable[[EvalContext], Iterator[tuple[str, dict[str, float]]]]
 
 
 def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: str | None = None,
-             label: str = "", pixels: bool = True,
-             overrides: list[str] = ()) -> dict[str, dict[str, float]]:
+             label: str = "", pixels: bool = True, overrides: list[str] = (),
+             always: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
     """Evaluation ``name`` of the run's encoder and each of ``eval.baselines`` (or only
     ``baseline``) on ``dataset``: one MLflow child run each, named ``label`` (the job's entry in
     ``evals``, e.g. ``linear_probe:cub``) plus ``[baseline]``; metrics also written to
     run/evals/. ``pixels=False``: the evaluation needs an encoder (fine-tuning, dense tasks).
-    ``overrides`` (``--set``) change the run's config for this evaluation only."""
+    ``overrides`` (``--set``) change the run's config for this evaluation only; ``always``:
+    baselines this evaluation runs whatever ``eval.baselines`` says (diagnostics: random_init)."""
     if baseline == "pixels" and not pixels:
         raise ValueError(f"{name} trains through an encoder: --baseline pixels applies to the "
                          "frozen-feature evaluations (knn, linear_probe) only")
@@ -134,7 +135,8 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     section = getattr(cfg.eval, name)
     dataset = dataset or section.dataset or cfg.data.dataset
     label = label or name
-    baselines = [baseline] if baseline is not None else ["", *cfg.eval.baselines]
+    baselines = [baseline] if baseline is not None else \
+        ["", *cfg.eval.baselines, *[b for b in always if b not in cfg.eval.baselines]]
     baselines = [b for b in baselines if pixels or b != "pixels"]
     proc = join(cfg.cluster.rendezvous_timeout_s, cfg.cluster.collective_timeout_s)
     params = {name: {**asdict(section), "dataset": dataset}, "seed": cfg.train.seed}
@@ -204,8 +206,8 @@ def child_run(run: RunDir, label: str, name: str, baseline: str, dataset: str,
     logger = MLflowLogger.create_run(
         tracking["uri"], tracking["experiment_id"], child_name(label, baseline),
         parent_run_id=tracking["run_id"], spool_dir=run.spool,
-        tags={"eval": name, "job": label, "dataset": dataset, "baseline": baseline or "pretrained",
-              "restarts": before})
+        tags={**tracking.get("tags", {}), "eval": name, "job": label, "dataset": dataset,
+              "baseline": baseline or "pretrained", "restarts": before})
     atomic_write_text(record, json.dumps({"run_id": logger.run_id, "finished": False}))
     logger.log_params(params)
     return logger

@@ -1,10 +1,17 @@
-"""Comparison table of one or more runs, read back from MLflow.
+"""Comparison report of a sweep or of run directories, read back from MLflow and the run dirs.
 
-    python -m evaluation.report --run-dir runs/<a> [--run-dir runs/<b> ...] [--json out.json]
+    python -m evaluation.report --sweep compare --html report.html --md report.md
+    python -m evaluation.report --run-dir runs/<a> --run-dir runs/<b> [--baseline mae] [--json out.json]
 
-For each run: the pre-training run's method and final loss, and every evaluation child run
-(pre-trained encoder and baselines) as one row per encoder with a column per evaluation job
-(its headline metric: top-1, mIoU, box AP and mask AP); a job that failed shows its status.
+One row per method (and swept values); each evaluation's headline metric as mean ± std over
+seeds, the best per column marked; each method's difference to the baseline (``--baseline``,
+default mae) with a Welch t-test, an exact permutation test and a bootstrap 95% interval, or
+"n too small" where no outcome could reach p < 0.05; the paper's figure where the config
+matches a paper setting (configs/papers.yaml); failed or missing runs; each cell's submission
+history; code version and dataset digests per run, with a warning when they differ; curves
+(mean ± std over seeds on a common step grid) and the diagnostics per layer. The markdown goes
+to stdout (and ``--md``); ``--html`` writes one self-contained page. Both are logged as
+artifacts of the sweep's MLflow run (or of each listed run) under ``report/``.
 """
 from __future__ import annotations
 
@@ -13,67 +20,84 @@ import json
 import sys
 from pathlib import Path
 
-from hpc_mim.rundir import RunDir
-from hpc_mim.tracking import fetch_runs
-
-HEADLINE = {"knn": ["top1"], "linear_probe": ["top1"], "finetune": ["top1"],
-            "segmentation": ["miou"], "detection": ["box_ap", "mask_ap"]}
-ORDER = list(HEADLINE)
+from evaluation import report_figures as figs
+from evaluation.report_data import read_run_dirs, read_sweep
+from evaluation.report_render import html, markdown
+from evaluation.report_tables import build
 
 
-def collect(run_dir: str) -> dict:
-    run = RunDir(run_dir)
-    tracking = run.read_tracking()
-    parent, *children = fetch_runs(tracking["uri"], tracking["experiment_id"], tracking["run_id"])
-    rows: dict[str, dict[str, float]] = {}
-    jobs: dict[str, str] = {}                       # job label -> evaluation name
-    # oldest first: an evaluation re-run on the same run supersedes the earlier one
-    for child in sorted(children, key=lambda c: c.info.start_time):
-        encoder = child.data.tags.get("baseline", "pretrained")
-        name = child.data.tags.get("eval", child.info.run_name)
-        job = child.data.tags.get("job", name)
-        jobs[job] = name
-        for key, value in child.data.metrics.items():
-            rows.setdefault(encoder, {})[f"{job}/{key}"] = value
-        rows.setdefault(encoder, {})[f"{job}/status"] = child.info.status
-    return {"run": run.root.name, "method": parent.data.tags.get("method", "?"),
-            "status": parent.info.status, "final_loss": parent.data.metrics.get("train/loss"),
-            "jobs": jobs, "rows": rows}
+def figures(report: dict) -> dict:
+    rows = report["rows"]
+    base = next((r for r in rows if r.group == report["baseline"]), None)
+    cka_uri, cka = figs.cka_between(rows, base)
+    notes = [f"CKA with {report['baseline']} at the last block: "
+             + ", ".join(f"{g} {v[-1]:.3f}" for g, v in cka.items())] if cka else []
+    return {"curves": figs.curve_figures(rows), "diagnostics": figs.diagnostics_figure(rows),
+            "diagnostics_notes": notes or ["(no cross-method CKA: no baseline row with diagnostics)"],
+            "more": [("singular value spectrum", figs.spectrum_figure(rows)),
+                     ("CKA with the baseline per layer", cka_uri)]}
 
 
-def columns(reports: list[dict]) -> list[tuple[str, str]]:
-    """(job, metric) pairs, evaluations in ORDER, then by job label."""
-    jobs = {job: name for rep in reports for job, name in rep["jobs"].items()}
-    ordered = sorted(jobs, key=lambda j: (ORDER.index(jobs[j]) if jobs[j] in ORDER else 99, j))
-    return [(job, metric) for job in ordered for metric in HEADLINE.get(jobs[job], ["top1"])]
-
-
-def format_table(reports: list[dict]) -> str:
-    cols = columns(reports)
-    header = ["run", "method", "encoder", *[f"{job} {metric}" for job, metric in cols]]
-    lines = [header]
-    order = {"pretrained": 0, "random_init": 1, "pixels": 2}
-    for rep in reports:
-        for encoder in sorted(rep["rows"], key=lambda e: order.get(e, 9)):
-            row = rep["rows"][encoder]
-            cells = []
-            for job, metric in cols:
-                value = row.get(f"{job}/{metric}")
-                cells.append(f"{value:.1f}" if value is not None else row.get(f"{job}/status", "-"))
-            lines.append([rep["run"], rep["method"], encoder, *cells])
-    widths = [max(len(str(r[i])) for r in lines) for i in range(len(header))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines)
+def log_to_mlflow(tracking: list[dict], paths: list[Path]) -> None:
+    from hpc_mim.tracking import MLflowLogger
+    for t in tracking:
+        logger = MLflowLogger(t["uri"], t["run_id"])
+        for path in paths:
+            logger.log_artifact(path, "report")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", action="append", required=True)
-    ap.add_argument("--json", type=Path, help="also write the collected figures here")
+    ap.add_argument("--sweep", help="a sweep's name (under runs/) or folder")
+    ap.add_argument("--run-dir", action="append", default=[], help="run directories (repeatable)")
+    ap.add_argument("--html", type=Path, help="write the self-contained HTML report here")
+    ap.add_argument("--md", type=Path, help="write the markdown report here")
+    ap.add_argument("--json", type=Path, help="write the figures per run here")
+    ap.add_argument("--baseline", default="mae", help="the row the others are compared with")
+    ap.add_argument("--rule", action="append", default=[], metavar="COLUMN=last|best",
+                    help="e.g. finetune/top1=best: the maximum of its val curve instead of the final value")
+    ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log the report as an artifact")
     args = ap.parse_args(argv)
-    reports = [collect(d) for d in args.run_dir]
-    print(format_table(reports))
+    if bool(args.sweep) == bool(args.run_dir):
+        ap.error("give --sweep SWEEP or --run-dir DIR (repeatable)")
+    rules = dict(r.split("=", 1) for r in args.rule)
+    bad = [r for r in rules.values() if r not in ("last", "best")]
+    if bad:
+        ap.error(f"--rule: {bad[0]!r}; choose last or best")
+    if args.sweep:
+        from jobs.sweep_arrays import find_sweep
+        try:
+            sweep_dir = find_sweep(args.sweep)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        record, results = read_sweep(sweep_dir)
+        title, tracking = f"Sweep {record['name']}: {len(results)} runs", [record["tracking"]]
+    else:
+        results = read_run_dirs(args.run_dir)
+        title = f"Comparison of {len(results)} runs"
+        tracking = [json.loads((Path(d) / "tracking.json").read_text()) for d in args.run_dir
+                    if (Path(d) / "tracking.json").is_file()]
+    report = build(results, args.baseline, rules, args.alpha)
+    text = markdown(report, {}, title)
+    print(text)
+    written = []
+    drawn = figures(report) if args.html or args.md else {}
+    if args.md:
+        args.md.write_text(markdown(report, drawn, title))
+        written.append(args.md)
+    if args.html:
+        args.html.write_text(html(report, drawn, title))
+        written.append(args.html)
+        print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps(reports, indent=2))
+        args.json.write_text(json.dumps([{"cell": r.cell, "group": r.group, "method": r.method, "seed": r.seed,
+                                          "status": r.status, "metrics": r.metrics, "history": r.history,
+                                          "provenance": r.provenance} for r in results], indent=2))
+        written.append(args.json)
+    if written and not args.no_mlflow:
+        log_to_mlflow(tracking, written)
     return 0
 
 

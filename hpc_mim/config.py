@@ -366,6 +366,20 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def preset_layers(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """configs/presets/<name>.yaml, after the preset its ``base:`` key names (if any)."""
+    path = CONFIG_DIR / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (CONFIG_DIR / "presets").glob("*.yaml"))
+        where = f" (base of {seen[-1]})" if seen else ""
+        raise ConfigError(f"--preset {name!r}{where}: no such preset; choose one of {names}")
+    if name in seen:
+        raise ConfigError(f"{path}: base presets form a cycle: {' -> '.join((*seen, name))}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    return [*(preset_layers(base, (*seen, name)) if base else []), (str(path), data)]
+
+
 def load_config(method: str | None = None, preset: str | None = None,
                 files: list[str] = (), overrides: list[str] = ()) -> Config:
     """Compose and validate a config; every layer is checked as it is applied."""
@@ -378,11 +392,7 @@ def load_config(method: str | None = None, preset: str | None = None,
                               f"choose one of {sorted(REGISTRY)}")
         layers.append((str(path), _read_yaml(path)))
     if preset:
-        path = CONFIG_DIR / "presets" / f"{preset}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in (CONFIG_DIR / "presets").glob("*.yaml"))
-            raise ConfigError(f"--preset {preset!r}: no such preset; choose one of {names}")
-        layers.append((str(path), _read_yaml(path)))
+        layers += preset_layers(preset)
     layers += [(f, _read_yaml(Path(f))) for f in files]
     layers += [(f"--set {o}", parse_override(o)) for o in overrides]
 

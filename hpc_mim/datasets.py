@@ -10,6 +10,8 @@ login node before anything is queued.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +52,38 @@ def required_files(info: dict[str, Any]) -> list[Path]:
                 for split in ("training", "validation")]
     return [root / "annotations" / f"instances_{split}2017.json" for split in ("train", "val")] + \
            [root / f"{split}2017" for split in ("train", "val")]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(info: dict[str, Any]) -> dict[str, str]:
+    """What identifies a converted dataset's content, file by file: a .beton by the sha256 its
+    converter recorded in the manifest next to it (``<split>.json``; computed once, at
+    conversion), an annotation file by its sha256, an image folder by the sha256 of its sorted
+    (relative path, size) listing (hashing every image of COCO at each submission would cost
+    minutes)."""
+    out: dict[str, str] = {}
+    for path in required_files(info):
+        if path.is_dir():
+            listing = sorted((str(p.relative_to(path)), p.stat().st_size)
+                             for p in path.rglob("*") if p.is_file())
+            out[path.name] = "listing:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+            continue
+        recorded = path.with_suffix(".json")
+        if path.suffix == ".beton" and recorded.is_file():
+            out[path.name] = json.loads(recorded.read_text()).get("sha256") or file_sha256(path)
+        else:
+            out[path.name] = file_sha256(path)
+    return out
+
+
+def manifest_sha256(info: dict[str, Any]) -> str:
+    """One sha256 for the dataset: of its ``manifest`` (sorted JSON)."""
+    return hashlib.sha256(json.dumps(manifest(info), sort_keys=True).encode()).hexdigest()

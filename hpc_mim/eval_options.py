@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 # the kind of dataset each evaluation reads (hpc_mim/datasets.py)
 EVAL_KINDS = {"knn": "classification", "linear_probe": "classification",
               "finetune": "classification", "segmentation": "segmentation",
-              "detection": "detection"}
+              "detection": "detection", "diagnostics": "classification"}
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -219,6 +219,19 @@ class DetectionConfig(Trained):
 
 
 @dataclass
+class DiagnosticsConfig(Resources):
+    """Per-layer representation measures of the pre-trained and the random-init encoder on a
+    fixed set of validation images (evaluation/diagnostics.py)."""
+    dataset: str = ""
+    num_images: int = 512               # the first N validation images, the same for every run
+    pooling: str = "cls"                # the representation whose spectrum and RankMe are reported
+
+    def validate(self) -> None:
+        _check_pooling("diagnostics", self.pooling)
+        _check(self.num_images >= 4, "diagnostics.num_images", "must be >= 4 (debiased CKA)")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256               # feature extraction / inference batch
     baselines: list[str] = field(default_factory=list)  # also evaluate: random_init, pixels
@@ -227,6 +240,7 @@ class EvalConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def validate(self) -> None:
         for name in EVAL_KINDS:

@@ -27,7 +27,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from hpc_mim.rundir import atomic_write_text  # noqa: E402
@@ -128,6 +128,12 @@ class MLflowLogger:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self._call({"op": "artifact", "path": str(path), "folder": folder})
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str,
+                    profile: dict[str, Any] | None = None) -> None:
+        """An MLflow dataset input of the run (``context``: training or evaluation)."""
+        self._call({"op": "dataset", "name": name, "digest": digest, "source": source,
+                    "context": context, "profile": json.dumps(profile or {})})
+
     def start(self) -> None:
         """Mark the run RUNNING (also after a requeue, which reopens a finished run)."""
         self._call({"op": "status", "status": "RUNNING"})
@@ -150,6 +156,10 @@ class MLflowLogger:
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op["params"]])
         elif kind == "tags":
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "dataset":
+            dataset = Dataset(op["name"], op["digest"], "local", op["source"], profile=op["profile"])
+            context = InputTag("mlflow.data.context", op["context"])
+            self.client.log_inputs(self.run_id, [DatasetInput(dataset, [context])])
         elif kind == "artifact":
             self.client.log_artifact(self.run_id, op["path"], op["folder"])
         elif op["status"] == "RUNNING":

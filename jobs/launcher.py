@@ -6,7 +6,8 @@ no submitit), handles the scheduler's stop signals (hpc_mim/distributed/preempti
 SIGTERM, replacing submitit's handlers), calls ``module:function(**kwargs)``, and records
 RUNNING / COMPLETED / FAILED / REQUEUED / STOPPED (with the error) in ``status_file`` for
 ``jobs/submit.py --status``. ``Launcher`` submits a ``JobSpec`` to SLURM (dependencies via
-``afterok``), to local subprocesses, or in-process (debug).
+``afterok``), same-resource specs of a sweep as one job array (``aftercorr``), to local
+subprocesses, or in-process (debug).
 
 Requeueing on SLURM: after USR2 the job requeues itself once it has checkpointed; after
 SIGTERM SLURM does (``scontrol requeue``, preemption); a job whose tasks were SIGKILLed (exit
@@ -123,11 +124,13 @@ class Launcher:
         self.folder = Path(folder)
         self.partition = partition
 
-    def slurm_executor(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.SlurmExecutor:
+    def slurm_executor(self, spec: JobSpec, dependency: str = "",
+                       job_name: str = "") -> submitit.SlurmExecutor:
+        """``dependency``: SLURM's ``--dependency`` (``afterok:<id>``, ``aftercorr:<array id>``)."""
         ex = submitit.SlurmExecutor(folder=self.folder / spec.name / "%j")
         params: dict[str, Any] = dict(
-            job_name=f"hpc_mim-{spec.name}", nodes=spec.nodes, ntasks_per_node=spec.tasks_per_node,
-            cpus_per_task=spec.cpus_per_task, time=spec.time_min,
+            job_name=job_name or f"hpc_mim-{spec.name}", nodes=spec.nodes,
+            ntasks_per_node=spec.tasks_per_node, cpus_per_task=spec.cpus_per_task, time=spec.time_min,
             # one task dying ends the step at once (else the others wait in a collective)
             srun_args=["--kill-on-bad-exit=1"], setup=[requeue_on_kill(spec.max_restarts)])
         extra: dict[str, Any] = {"requeue": True}
@@ -135,15 +138,15 @@ class Launcher:
             params["gpus_per_node"] = spec.gpus_per_node
         if self.partition:
             params["partition"] = self.partition
-        if after_ids:
-            extra["dependency"] = "afterok:" + ":".join(after_ids)
+        if dependency:
+            extra["dependency"] = dependency
         ex.update_parameters(additional_parameters=extra, **params)
         return ex
 
     def executor(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Executor:
         folder = self.folder / spec.name / "%j"
         if self.cluster == "slurm":
-            return self.slurm_executor(spec, after_ids)
+            return self.slurm_executor(spec, "afterok:" + ":".join(after_ids) if after_ids else "")
         if self.cluster == "local":
             ex = submitit.LocalExecutor(folder=folder)
             # one machine: all of the job's tasks run here as subprocesses
@@ -152,13 +155,31 @@ class Launcher:
             return ex
         return submitit.DebugExecutor(folder=folder)
 
-    def sbatch_script(self, spec: JobSpec, after_ids: list[str] = ()) -> str:
-        """The sbatch script this spec would be submitted with (for --dry-run)."""
-        ex = self.slurm_executor(spec, after_ids)
+    def sbatch_script(self, spec: JobSpec, dependency: str = "", array_size: int = 0,
+                      job_name: str = "") -> str:
+        """The sbatch script this spec would be submitted with (for --dry-run); ``array_size``:
+        as task 0 of a job array of that many."""
+        ex = self.slurm_executor(spec, dependency, job_name)
+        if array_size:
+            ex.parameters["map_count"] = array_size
         return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
+    def submit_array(self, specs: list[JobSpec], status_files: list[Path], dependency: str = "",
+                     job_name: str = "") -> list[submitit.Job]:
+        """One SLURM job array: task i runs ``specs[i]`` (all with the resources of
+        ``specs[0]``) and records its state in ``status_files[i]``. ``dependency`` e.g.
+        ``aftercorr:<array id>``: task i starts once task i of that array completed."""
+        ex = self.slurm_executor(specs[0], dependency, job_name)
+        return ex.map_array(run_entry, [s.entry for s in specs], [s.kwargs for s in specs],
+                            [str(f) for f in status_files], [s.max_restarts for s in specs])
+
     def status_file(self, spec: JobSpec) -> Path:
-        return self.folder / f"{spec.name}.status.json"
+        return self.status_file_in(self.folder, spec)
+
+    @staticmethod
+    def status_file_in(folder: Path, spec: JobSpec) -> Path:
+        """Where a job of a run whose jobs folder is ``folder`` records its state."""
+        return Path(folder) / f"{spec.name}.status.json"
 
     def submit(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Job:
         return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs,

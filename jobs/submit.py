@@ -4,6 +4,9 @@
     python jobs/submit.py --method mae --cluster local --preset fmnist_tiny
     python jobs/submit.py --method mae --nodes 2 --dry-run
     python jobs/submit.py --status runs/<name>          # each job's state, error, MLflow runs
+    python jobs/submit.py --sweep configs/sweeps/compare.yaml             # a sweep (jobs/sweep.py)
+    python jobs/submit.py --method mae,lut --seeds 0,1 --set k=v1,v2       # the same, short form
+    python jobs/submit.py --status SWEEP | --resume SWEEP
 
 Everything is validated before anything is created or queued: the config (unknown keys,
 types, impossible values), the dataset files, and the runs folder. Then: the run directory
@@ -29,8 +32,12 @@ from jobs.plan import build_plan, format_plan  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", help="mae, ... (hpc_mim.methods.REGISTRY)")
-    ap.add_argument("--status", metavar="RUN_DIR", help="report on a submitted run instead")
+    ap.add_argument("--method", help="mae, ... (hpc_mim.methods.REGISTRY); a,b,c: a sweep")
+    ap.add_argument("--status", metavar="RUN_DIR|SWEEP", help="report on a submitted run or sweep instead")
+    ap.add_argument("--sweep", metavar="FILE", help="a sweep file (jobs/sweep.py): many runs, one command")
+    ap.add_argument("--seeds", help="comma-separated train.seed values: a sweep over seeds")
+    ap.add_argument("--sweep-name", default="", help="the sweep's name (default sweep-<timestamp>)")
+    ap.add_argument("--resume", metavar="SWEEP", help="resubmit the cells of a sweep that did not finish")
     ap.add_argument("--preset", help="configs/presets/<name>.yaml, applied after the method's YAML")
     ap.add_argument("--config", action="append", default=[], help="extra YAML file(s), applied in order")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -45,8 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<runs_root>/mlflow.db)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and sbatch scripts; queue nothing")
     args = ap.parse_args(argv)
-    if not args.method and not args.status:
-        ap.error("--method is required (or --status RUN_DIR)")
+    if not (args.method or args.status or args.sweep or args.resume):
+        ap.error("--method is required (or --sweep FILE, --status RUN_DIR|SWEEP, --resume SWEEP)")
     return args
 
 
@@ -86,6 +93,38 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"name: run directory {run_dir} already exists; pick another --set name=...")
 
 
+def tracking_uri(cfg: Config) -> str:
+    from hpc_mim.tracking import default_uri
+    return cfg.tracking.uri or default_uri(Path(cfg.runs_root))
+
+
+def tracking_experiment(cfg: Config, uri: str) -> str:
+    """The experiment id. The submitting process creates the store first (concurrent creation
+    corrupts sqlite); artifacts go next to a local store, a server keeps its own."""
+    from hpc_mim.tracking import ensure_experiment
+    artifacts = Path(cfg.runs_root) / "mlartifacts" if uri.startswith("sqlite:") else None
+    return ensure_experiment(uri, cfg.tracking.experiment, artifacts)
+
+
+def create_run(cfg: Config, run_dir: Path, uri: str, experiment: str, parent_run_id: str | None = None,
+               tags: dict[str, str] | None = None) -> str:
+    """The run directory (resolved config, tracking.json) and its MLflow run (params, what
+    reproduces it: jobs/provenance.py); ``tags`` (a sweep's ``sweep``, ``cell``, ``seed``) also
+    go to the evaluations' child runs. Returns the MLflow run id."""
+    from hpc_mim.rundir import RunDir
+    from hpc_mim.tracking import MLflowLogger
+    from jobs import provenance
+    run = RunDir(run_dir).create()
+    save_config(cfg, run.config)
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    logger = MLflowLogger.create_run(uri, experiment, cfg.name, parent_run_id=parent_run_id,
+                                     tags={"method": cfg.method.name, "run_dir": str(run_dir), **tags})
+    logger.log_params(cfg.to_dict())
+    provenance.record(logger, cfg, run.config)
+    run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": logger.run_id, "tags": tags})
+    return logger.run_id
+
+
 def status(run_dir: str) -> int:
     """Print each job's state; exit 1 when one failed or will never start."""
     from jobs.status import collect, format_status
@@ -101,8 +140,28 @@ def status(run_dir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from jobs import sweep_commands
+    from jobs.sweep import from_cli, load_sweep_file
     if args.status:
+        if (Path(args.status) / "sweep.json").is_file() or (Path("runs") / args.status / "sweep.json").is_file():
+            return sweep_commands.status_sweep(args.status)
         return status(args.status)
+    if args.resume:
+        try:
+            return sweep_commands.resume_sweep(args.resume, args.cluster)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    try:
+        if args.sweep:
+            spec = load_sweep_file(args.sweep, args.sweep_name, args.preset, args.config, args.set)
+        else:
+            spec = from_cli(args.method, args.seeds, args.set, args.preset, args.config, args.sweep_name)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if spec is not None:
+        return sweep_commands.submit_sweep(spec, flag_overrides(args), args.cluster, args.dry_run)
     try:
         cfg = load_config(args.method, args.preset, args.config, args.set + flag_overrides(args))
         cfg.name = cfg.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -122,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# dry run: nothing created, nothing queued\n# run dir would be {run_dir}\n")
         print(format_plan(plan))
         for spec in plan:
-            deps = [f"<{name} job id>" for name in spec.after]
+            deps = "afterok:" + ":".join(f"<{name} job id>" for name in spec.after) if spec.after else ""
             print(f"\n# ---- sbatch script: {spec.name} ----")
             print(launcher.sbatch_script(spec, deps))
         return 0
@@ -130,26 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: --cluster local runs all {cfg.cluster.nodes * cfg.cluster.tasks_per_node} "
               "tasks as processes on this machine", file=sys.stderr)
 
-    from hpc_mim import tracking
-    from hpc_mim.rundir import RunDir
-    run = RunDir(run_dir).create()
-    save_config(cfg, run.config)
-    uri = cfg.tracking.uri or tracking.default_uri(run_dir.parent)
-    # The submitting process creates the store first: concurrent creation corrupts sqlite.
-    # artifacts next to a local store; a tracking server keeps its own artifact store
-    artifacts = run_dir.parent / "mlartifacts" if uri.startswith("sqlite:") else None
+    uri = tracking_uri(cfg)
     try:      # jobs may buffer through an outage, but the parent run must exist before queueing
-        experiment = tracking.ensure_experiment(uri, cfg.tracking.experiment, artifacts)
-        parent = tracking.MLflowLogger.create_run(uri, experiment, cfg.name,
-                                                  tags={"method": cfg.method.name, "run_dir": str(run_dir)})
-        parent.log_params(cfg.to_dict())
+        run_id = create_run(cfg, run_dir, uri, tracking_experiment(cfg, uri))
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
-        shutil.rmtree(run_dir)            # created above, holds nothing else yet
+        shutil.rmtree(run_dir, ignore_errors=True)     # created here, holds nothing else yet
         print(f"error: tracking.uri: cannot create the MLflow run at {uri} "
               f"({type(e).__name__}: {str(e)[:300]}); nothing was queued", file=sys.stderr)
         return 2
-    run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": parent.run_id})
-    print(f"run dir:     {run_dir}\nmlflow run:  {parent.run_id} ({uri})")
+    print(f"run dir:     {run_dir}\nmlflow run:  {run_id} ({uri})")
     print(format_plan(plan))
 
     if launcher.cluster == "slurm":

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   g++ ninja-build                              # DeepSpeed compiles its shm comm op on first use
   dataset-fashion-mnist                        # the embedded real dataset
   slurm-wlm munge                              # the local SLURM cluster used by tests
+  chromium                                     # headless: the test that looks at the HTML report
 )
 PYTHON=${PYTHON:-python3}
 

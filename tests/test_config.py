@@ -152,3 +152,20 @@ def test_symmetric_normalisation_gives_pixels_in_minus_one_one_to_training_and_e
     assert load_config("umd", "smoke").dataset_info()["mean"] == [0.2860] * 3
     with pytest.raises(ConfigError, match="data.normalize"):
         load_config("umd", "smoke", overrides=["data.normalize=unit"])
+
+
+def test_a_preset_builds_on_its_base(tmp_path, monkeypatch):
+    compare, tiny = load_config("lut", "compare"), load_config("lut", "fmnist_tiny")
+    assert compare.model == tiny.model and compare.data == tiny.data        # from the base
+    assert (compare.train.epochs, tiny.train.epochs) == (1, 16)             # its own keys win
+    assert compare.evals == ["knn", "linear_probe", "diagnostics"] and compare.eval.baselines == []
+    import hpc_mim.config as config
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "a.yaml").write_text("base: b\n")
+    (tmp_path / "presets" / "b.yaml").write_text("base: a\n")
+    (tmp_path / "presets" / "c.yaml").write_text("base: nope\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="base presets form a cycle: a -> b -> a"):
+        load_config(preset="a")
+    with pytest.raises(ConfigError, match="'nope' \\(base of c\\): no such preset"):
+        load_config(preset="c")

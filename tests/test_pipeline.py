@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import submit
+from conftest import REPO, submit
 from hpc_mim.config import load_config
 from hpc_mim.methods import REGISTRY, build_method
 
@@ -29,6 +29,14 @@ def check_mlflow(run_dir, evals=("knn", "linear_probe"), method="mae"):
     assert parent.info.status == "FINISHED"
     assert parent.data.params["method.name"] == method and parent.data.params["train.zero_stage"] == "2"
     assert len(client.get_metric_history(parent.info.run_id, "train/loss")) >= 4
+    # what reproduces it: code version, the resolved config, the dataset's manifest digest
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert parent.data.tags["git_commit"] == head.stdout.strip()
+    assert parent.data.tags["git_dirty"] in ("true", "false")
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    (data,) = parent.inputs.dataset_inputs
+    assert data.dataset.name == "fmnist" and len(data.dataset.digest) == 16
+    assert json.loads(data.dataset.profile)["manifest_sha256"].startswith(data.dataset.digest)
     cfg = load_config(method, "smoke")
     for term in build_method(cfg.model, cfg.method).terms:     # every named loss term is logged
         assert client.get_metric_history(parent.info.run_id, f"train/{term}"), term

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from hpc_mim.masking import gather_tokens
-from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, run_blocks
+from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, modulate, run_blocks
 
 _norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -187,13 +187,18 @@ class ViTEncoder(nn.Module):
         return [maps[i] for i in indices]
 
 
-def attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The softmax attention (B, heads, N, N) that timm ``Block`` ``block`` computes on its
-    input ``x`` (B, N, D). timm's fused kernel does not return it, so q and k are recomputed
-    from the block's own weights (differentiably)."""
+def attention_probs(block: nn.Module, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """The softmax attention (B, heads, N, N) that ``block`` computes on its input ``x``
+    (B, N, D): a timm ``Block``, or an ``AdaLNBlock`` with its condition ``c`` (B, D). timm's
+    fused kernel does not return it, so q and k are recomputed from the block's own weights
+    (differentiably)."""
     attn = block.attn
     b, n, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+    h = block.norm1(x)
+    if isinstance(block, AdaLNBlock):
+        shift, scale = block.modulation(c).chunk(6, dim=-1)[:2]
+        h = modulate(h, shift, scale)
+    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim)
     q, k = qkv.permute(2, 0, 3, 1, 4)[:2]                                     # (B, h, N, hd)
     q, k = attn.q_norm(q), attn.k_norm(k)
     return torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)

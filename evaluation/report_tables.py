@@ -1,0 +1,148 @@
+"""The comparison's tables: methods x evaluations (mean +- std over seeds, the best per column,
+the paper's figure where a row's config matches a paper setting), the difference of each method
+to the baseline with its tests, the runs that failed or are missing, and what reproduces each
+row. Pure data; evaluation/report_render.py prints them as markdown and HTML.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from evaluation.report_data import RunResult
+from evaluation.report_stats import Difference, compare, mean_std
+
+HEADLINE = {"knn": ["top1"], "linear_probe": ["top1"], "finetune": ["top1"],
+            "segmentation": ["miou"], "detection": ["box_ap", "mask_ap"], "diagnostics": ["rankme"]}
+RANKED = {"knn", "linear_probe", "finetune", "segmentation", "detection"}   # higher is better
+PAPERS = Path(__file__).resolve().parent.parent / "configs" / "papers.yaml"
+# last: the evaluation's final value (the papers report the end of the schedule);
+# best: the maximum of its curve (val/<metric> every eval_every steps)
+RULES = {"knn": "last", "linear_probe": "last", "finetune": "last", "segmentation": "last",
+         "detection": "last", "diagnostics": "last"}
+
+
+@dataclass
+class Column:
+    job: str
+    metric: str
+    evaluation: str
+    rule: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.job}/{self.metric}"
+
+
+@dataclass
+class Row:
+    group: str
+    method: str
+    cells: list[RunResult]
+    values: dict[str, list[float]] = field(default_factory=dict)      # column key -> per seed
+    best: set[str] = field(default_factory=set)
+    diffs: dict[str, Difference] = field(default_factory=dict)
+    paper: dict[str, tuple[float, str]] = field(default_factory=dict)
+
+
+def columns(results: list[RunResult], rules: dict[str, str]) -> list[Column]:
+    jobs = {job: name for r in results for job, name in r.jobs.items()}
+    order = list(HEADLINE)
+    ordered = sorted(jobs, key=lambda j: (order.index(jobs[j]) if jobs[j] in order else 99, j))
+    out = []
+    for job in ordered:
+        for metric in HEADLINE.get(jobs[job], ["top1"]):
+            rule = rules.get(f"{job}/{metric}", rules.get(jobs[job], RULES.get(jobs[job], "last")))
+            out.append(Column(job, metric, jobs[job], rule))
+    return out
+
+
+def value(result: RunResult, col: Column) -> float | None:
+    if col.rule == "best" and f"{col.job}/val/{col.metric}" in result.curves:
+        return float(np.max(result.curves[f"{col.job}/val/{col.metric}"][1]))
+    v = result.metrics.get("pretrained", {}).get(col.key)
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def paper_figures(config: dict[str, str], method: str) -> dict[str, tuple[float, str]]:
+    """Column key -> (figure, source) of the first paper setting whose ``when`` the config
+    matches (configs/papers.yaml)."""
+    entries = yaml.safe_load(PAPERS.read_text()) if PAPERS.is_file() else []
+    out: dict[str, tuple[float, str]] = {}
+    for entry in entries:
+        if entry["method"] == method and all(config.get(k) == str(v) for k, v in entry["when"].items()):
+            for key, figure in entry["figures"].items():
+                out.setdefault(key, (float(figure), entry["source"]))
+    return out
+
+
+def build(results: list[RunResult], baseline: str = "mae", rules: dict[str, str] | None = None,
+          alpha: float = 0.05) -> dict[str, Any]:
+    """Everything the report prints (but the figures)."""
+    cols = columns(results, rules or {})
+    rows: dict[str, Row] = {}
+    for r in results:
+        rows.setdefault(r.group, Row(r.group, r.method, [])).cells.append(r)
+    for row in rows.values():
+        row.cells.sort(key=lambda r: r.seed)
+        for col in cols:
+            vals = [v for r in row.cells if (v := value(r, col)) is not None]
+            if vals:
+                row.values[col.key] = vals
+        row.paper = paper_figures(row.cells[0].config, row.method)
+    for col in cols:
+        means = {g: np.mean(r.values[col.key]) for g, r in rows.items() if col.key in r.values}
+        if col.evaluation in RANKED and means:
+            rows[max(means, key=means.get)].best.add(col.key)
+    base = rows.get(baseline) or next((r for r in rows.values() if r.method == baseline), None)
+    if base is not None:
+        for row in rows.values():
+            if row is base:
+                continue
+            for col in cols:
+                a, b = base.values.get(col.key), row.values.get(col.key)
+                if a and b:
+                    row.diffs[col.key] = compare(a, b, alpha)
+    missing = []
+    for r in results:
+        for col in cols:
+            if value(r, col) is None:
+                status = r.job_status.get("pretrained", {}).get(col.job, "no run")
+                missing.append((r.cell, col.key, status if not r.error else r.error))
+    return {"columns": cols, "rows": list(rows.values()), "baseline": base.group if base else None,
+            "missing": missing, "provenance": provenance(results), "alpha": alpha}
+
+
+def provenance(results: list[RunResult]) -> dict[str, Any]:
+    """Per run: code version and datasets; warnings when the rows of one table differ."""
+    per_run = [(r.cell, r.provenance.get("git_commit", "?")[:10]
+                + ("+dirty" if r.provenance.get("git_dirty") == "true" else ""),
+                r.provenance.get("datasets", "?")) for r in results]
+    warnings = []
+    if len({code for _, code, _ in per_run}) > 1:
+        warnings.append("rows come from different code versions: " +
+                        ", ".join(sorted({code for _, code, _ in per_run})))
+    if any(code.endswith("+dirty") for _, code, _ in per_run):
+        warnings.append("some runs were submitted from a modified (dirty) tree: their commit does "
+                        "not reproduce them exactly")
+    if len({data for _, _, data in per_run}) > 1:
+        warnings.append("rows read different data: " + " vs ".join(sorted({d for _, _, d in per_run})))
+    return {"runs": per_run, "warnings": warnings}
+
+
+def fmt_mean(values: list[float]) -> str:
+    mean, std, n = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f} (n={n})" if n > 1 else f"{mean:.2f} (n=1)"
+
+
+def fmt_diff(d: Difference, alpha: float) -> str:
+    welch = "n/a" if math.isnan(d.welch_p) else f"{d.welch_p:.3f}"
+    text = (f"{d.delta:+.2f} [{d.ci_low:+.2f}, {d.ci_high:+.2f}]; Welch p={welch}; "
+            f"permutation p={d.perm_p:.3f}")
+    if d.too_small:
+        text += f"; n too small for p < {alpha:g} (smallest possible p={d.min_p:.3f})"
+    return text

@@ -1,0 +1,77 @@
+"""The report's tables and pages from hand-made run results (the sweep test builds one from real
+runs on SLURM)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.report_data import RunResult
+from evaluation.report_render import html, markdown
+from evaluation.report_tables import build
+
+VIT_B_IMAGENET = {"data.dataset": "imagenet", "model.embed_dim": "768", "model.depth": "12",
+                  "model.patch_size": "16"}
+
+
+def result(method: str, seed: int, knn: float | None, commit: str = "abc", data: str = "fmnist:1",
+           config: dict | None = None, **curves) -> RunResult:
+    r = RunResult(f"{method}-seed{seed}", method, method, seed, Path(f"/runs/{method}-seed{seed}"),
+                  status="FINISHED", config=config or {})
+    r.jobs = {"knn": "knn"}
+    r.job_status = {"pretrained": {"knn": "FINISHED" if knn is not None else "FAILED"}}
+    r.metrics = {"pretrained": {"knn/top1": knn} if knn is not None else {}}
+    r.provenance = {"git_commit": commit, "git_dirty": "false", "datasets": data}
+    r.curves = {k: (np.array([1.0, 2.0, 3.0]), np.array(v)) for k, v in curves.items()}
+    return r
+
+
+def test_table_rows_best_differences_and_missing():
+    runs = [result("mae", 0, 70.0), result("mae", 1, 72.0), result("mae", 2, 71.0),
+            result("lut", 0, 75.0), result("lut", 1, 76.0), result("lut", 2, None)]
+    report = build(runs, baseline="mae")
+    rows = {r.group: r for r in report["rows"]}
+    assert rows["mae"].values["knn/top1"] == [70.0, 72.0, 71.0]
+    assert rows["lut"].values["knn/top1"] == [75.0, 76.0]           # the failed seed is not a value
+    assert rows["lut"].best == {"knn/top1"} and not rows["mae"].best
+    diff = rows["lut"].diffs["knn/top1"]
+    assert diff.delta == pytest.approx(75.5 - 71.0)
+    assert diff.min_p == pytest.approx(1 / 10) and diff.too_small       # 3 vs 2: 1 / C(5, 2)
+    assert report["missing"] == [("lut-seed2", "knn/top1", "FAILED")]
+    md = markdown(report, {}, "t")
+    assert "| lut | 0, 1, 2 | **75.50 ± 0.71 (n=2)** |" in md
+    assert "| mae | 0, 1, 2 | 71.00 ± 1.00 (n=3) |" in md
+    assert "lut-seed2: knn/top1 — FAILED" in md and "n too small for p < 0.05" in md
+    assert "WARNING" not in md
+
+
+def test_rows_that_differ_in_code_or_data_are_warned_about():
+    runs = [result("mae", 0, 70.0, commit="aaa"), result("lut", 0, 71.0, commit="bbb", data="fmnist:2")]
+    warnings = build(runs)["provenance"]["warnings"]
+    assert any("different code versions: aaa, bbb" in w for w in warnings)
+    assert any("different data: fmnist:1 vs fmnist:2" in w for w in warnings)
+
+
+def test_paper_column_only_where_the_config_matches_a_paper_setting():
+    runs = [result("mae", 0, 60.0, config=VIT_B_IMAGENET), result("latent_mim", 0, 50.0, config=VIT_B_IMAGENET),
+            result("lut", 0, 55.0, config={**VIT_B_IMAGENET, "model.depth": "24"})]
+    rows = {r.group: r for r in build(runs)["rows"]}
+    assert rows["mae"].paper["linear_probe/top1"][0] == 68.0
+    assert rows["latent_mim"].paper["knn/top1"][0] == 50.1
+    assert rows["lut"].paper == {}                                    # ViT-L: no paper figure here
+
+
+def test_best_rule_takes_the_curve_maximum():
+    runs = [result("mae", 0, 70.0, **{"knn/val/top1": [60.0, 74.0, 70.0]})]
+    last = build(runs)["rows"][0].values["knn/top1"]
+    best = build(runs, rules={"knn/top1": "best"})["rows"][0].values["knn/top1"]
+    assert (last, best) == ([70.0], [74.0])
+
+
+def test_html_is_self_contained():
+    runs = [result("mae", s, 70.0 + s, **{"train/loss": [3.0, 2.0, 1.0 + s]}) for s in (0, 1)]
+    from evaluation.report_figures import curve_figures
+    report = build(runs)
+    page = html(report, {"curves": curve_figures(report["rows"])}, "t")
+    assert page.count("<img ") == 1 and "src='data:image/svg+xml;base64," in page
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    assert "<style>" in page and "data-rendered" in page

@@ -1,0 +1,172 @@
+"""A sweep of the five methods x 2 seeds on the real local SLURM cluster: job arrays with
+``aftercorr``, one cell's pre-training killed, ``--resume`` finishing only that cell, and the
+report built from it -- also looked at in a real browser (headless Chromium)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import PYTHON, REPO, submit
+
+METHODS = ("mae", "noised_mim", "latent_mim", "lut", "umd")
+KILLED = "umd-seed1"                      # the last task of the pre-training array
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
+
+
+def scontrol(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def states(sweep_dir: Path) -> dict[str, dict[str, str]]:
+    """cell -> job -> state, from each cell's status records (what --status reads first)."""
+    out = {}
+    for cell in json.loads((sweep_dir / "sweep.json").read_text())["cells"]:
+        jobs = sweep_dir / cell / "jobs"
+        out[cell] = {p.name.split(".")[0]: json.loads(p.read_text())["state"] for p in jobs.glob("*.status.json")}
+    return out
+
+
+def wait_until(predicate, what: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def squeue_empty() -> bool:
+    return subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, slurm_cluster, data_root):
+    root = tmp_path_factory.mktemp("sweeps")
+    r = submit("--method", ",".join(METHODS), "--seeds", "0,1", "--preset", "smoke", "--cluster", "slurm",
+               "--sweep-name", "acc", "--set", f"data.root={data_root}", "--set", f"runs_root={root}",
+               "--set", "evals=[knn, diagnostics]", "--set", "eval.baselines=[]")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sweep_dir = root / "acc"
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    arrays = record["submissions"][0]["arrays"]
+    # one array per job, 10 tasks each, evaluations aftercorr on the pre-training array
+    pre = next(a for a in arrays if a["job"] == "pretrain")
+    shown = {a["job"]: scontrol(f"{a['id']}_0") for a in arrays}
+    index = pre["cells"].index(KILLED)
+    # kill one cell's pre-training once it has checkpointed (step 4 of 16)
+    killed = f"{pre['id']}_{index}"
+    log = sweep_dir / KILLED / "logs" / "pretrain.log"
+    wait_until(lambda: log.is_file() and re.search(r" step ([4-9]|1\d)/", log.read_text()), f"{killed} step 4", 600)
+    subprocess.run(["scancel", killed], check=True)
+    # every other cell finishes; the killed cell's evaluations can never start
+    wait_until(lambda: sum(s.get("diagnostics") == "COMPLETED" for s in states(sweep_dir).values()) == 9
+               and sum(s.get("knn") == "COMPLETED" for s in states(sweep_dir).values()) == 9,
+               "the 9 other cells", 900)
+    status = submit("--status", str(sweep_dir))
+    starts_before = {c: (sweep_dir / c / "logs" / "starts.log").read_text() for c in record["cells"]}
+    resume = submit("--resume", str(sweep_dir))
+    wait_until(squeue_empty, "the resumed cell", 600)
+    again = submit("--resume", str(sweep_dir))
+    html, md = sweep_dir / "report.html", sweep_dir / "report.md"
+    report = subprocess.run([PYTHON, "-m", "evaluation.report", "--sweep", str(sweep_dir), "--html", str(html),
+                             "--md", str(md)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    yield {"dir": sweep_dir, "record": record, "arrays": arrays, "shown": shown, "submit": r, "status": status,
+           "resume": resume, "again": again, "report": report, "html": html, "md": md, "starts": starts_before}
+
+
+def test_sweep_arrays_kill_resume_and_report(sweep):
+    arrays, shown = sweep["arrays"], sweep["shown"]
+    assert [a["job"] for a in arrays] == ["pretrain", "knn", "diagnostics"]
+    assert all(len(a["cells"]) == 10 for a in arrays)
+    pre = arrays[0]
+    for a in arrays:                                # as SLURM itself shows them
+        assert shown[a["job"]]["ArrayJobId"] == a["id"] and shown[a["job"]]["ArrayTaskId"] == "0"
+    for a in arrays[1:]:
+        assert a["dependency"] == f"aftercorr:{pre['id']}"
+        assert shown[a["job"]]["Dependency"].startswith(f"aftercorr:{pre['id']}_")
+    assert set(sweep["record"]["cells"]) == {f"{m}-seed{s}" for m in METHODS for s in (0, 1)}
+
+    # --status named the killed cell's jobs; --resume resubmitted that cell only
+    assert re.search(rf"{KILLED}\s+umd\s+1\s+(CANCELLED|STOPPED)\s+NEVER STARTS\s+NEVER STARTS", sweep["status"].stdout), sweep["status"].stdout
+    assert sweep["resume"].returncode == 0, sweep["resume"].stdout + sweep["resume"].stderr
+    assert re.findall(r"^(\S+): resubmitting", sweep["resume"].stdout, re.M) == [KILLED]
+    record = json.loads((sweep["dir"] / "sweep.json").read_text())
+    second = record["submissions"][1]
+    assert second["kind"] == "resume" and list(second["cells"]) == [KILLED]
+    assert second["cells"][KILLED]["before"]["knn"] == "NEVER STARTS"
+    assert "nothing to resume" in sweep["again"].stdout and len(record["submissions"]) == 2
+    final = states(sweep["dir"])
+    assert all(set(s.values()) == {"COMPLETED"} and len(s) == 3 for s in final.values()), final
+    for cell, before in sweep["starts"].items():    # the others did not run again
+        after = (sweep["dir"] / cell / "logs" / "starts.log").read_text()
+        assert after == before if cell != KILLED else after.startswith(before) and len(after) > len(before)
+
+    # MLflow: one sweep parent, ten cell runs under it, each with its two evaluations
+    tracking = record["tracking"]
+    client = MlflowClient(tracking["uri"])
+    cells = client.search_runs([tracking["experiment_id"]], f"tags.mlflow.parentRunId = '{tracking['run_id']}'")
+    assert sorted(c.data.tags["cell"] for c in cells) == sorted(record["cells"])
+    for c in cells:
+        assert c.info.status == "FINISHED" and c.data.tags["sweep"] == "acc"
+        assert c.data.tags["git_commit"] and c.data.tags["seed"] in ("0", "1")
+        assert [d.dataset.name for d in c.inputs.dataset_inputs] == ["fmnist"]
+        evals = client.search_runs([tracking["experiment_id"]], f"tags.mlflow.parentRunId = '{c.info.run_id}'")
+        assert sorted(e.info.run_name for e in evals) == ["diagnostics", "diagnostics[random_init]", "knn"]
+        assert all(e.data.tags["cell"] == c.data.tags["cell"] for e in evals)
+        assert all(e.info.status == "FINISHED" for e in evals)
+        diag = next(e for e in evals if e.info.run_name == "diagnostics")
+        assert [m.step for m in client.get_metric_history(diag.info.run_id, "layer/attn_distance")] == [1, 2]
+        assert diag.data.params["recipe.cka"].startswith("linear, debiased")
+
+    # the report: 5 rows with mean +- std (n=2), the diagnostics of every method, the history
+    assert sweep["report"].returncode == 0, sweep["report"].stderr[-3000:]
+    md = sweep["md"].read_text()
+    for m in METHODS:
+        stat = r"(\*\*)?\d+\.\d\d ± \d+\.\d\d \(n=2\)(\*\*)?"          # ** marks the best
+        assert re.search(rf"^\| {m} \| 0, 1 \| {stat} \| {stat} \|", md, re.M), m
+        assert re.search(rf"^\| {m} \| \d", md.split("## Diagnostics (pre-trained")[1], re.M), m
+    # pre-training of the killed cell continued from its checkpoint, not from scratch
+    resumed = (sweep["dir"] / KILLED / "logs" / "pretrain.log").read_text()
+    at = re.findall(r"resumed from step_\d+ at step (\d+)", resumed)
+    assert len(at) == 1 and 4 <= int(at[0]) < 16, resumed[-2000:]
+    assert re.search(rf"{KILLED}: pre-training started 2 times .*submission 1 \(submit.*\| submission 2 \(resume.*before it: pretrain (CANCELLED|STOPPED), knn NEVER STARTS", md)
+    assert "n too small for p < 0.05" in md
+    html = sweep["html"].read_text()
+    for figure in ("train/loss", "train/lr", "train/img_per_s", "solid: pre-trained", "singular value spectrum",
+                   "CKA with the baseline per layer"):
+        assert f"alt='{figure}" in html, figure
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", html)       # nothing from the network
+    artifacts = [f.path for f in client.list_artifacts(tracking["run_id"], "report")]
+    assert sorted(artifacts) == ["report/report.html", "report/report.md"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium (Debian package) is not installed")
+def test_report_renders_in_headless_chromium(sweep, tmp_path):
+    """Every table and figure rendered, no image broken, no request left the machine."""
+    html = sweep["html"]
+    base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*base, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'data-rendered="([^"]+)"', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    rendered = json.loads(found.group(1).replace("&quot;", '"'))
+    text = html.read_text()
+    assert rendered == {"tables": text.count("<table>"), "images": text.count("<img "), "broken": 0}
+    assert rendered["tables"] >= 5 and rendered["images"] >= 8     # methods, differences, encoders,
+    # reproducibility, diagnostics; curves, diagnostics per layer, spectrum, CKA
+    shot = tmp_path / "report.png"
+    subprocess.run([*base, "--window-size=1400,3000", f"--screenshot={shot}", html.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    import numpy as np
+    from PIL import Image
+    image = Image.open(shot).convert("L")
+    assert image.size == (1400, 3000)
+    assert len(np.unique(np.asarray(image))) > 50      # tables and plots, not a blank page
