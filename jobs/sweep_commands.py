@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_mim.config import ConfigError, read_config
+from hpc_mim.rundir import atomic_write_text
 from jobs.launcher import Launcher
 from jobs.plan import JobSpec, build_plan, format_plan
 from jobs.status import collect, slurm_state
@@ -111,7 +112,12 @@ def submit_cells(sweep_dir: Path, record: dict[str, Any], plans: dict[str, list[
         failed = 0
         for cid, plan in plans.items():
             cell_launcher = Launcher(launcher.cluster, sweep_dir / cid / "jobs", launcher.partition)
+            index = cell_launcher.folder / "jobs.json"
+            before_index = json.loads(index.read_text()) if index.is_file() else {}
             outcome = cell_launcher.run_plan(plan)
+            # keep the entries of jobs a resume did not rerun (run_plan indexes its plan only)
+            after_index = json.loads(index.read_text()) if index.is_file() else {}
+            atomic_write_text(index, json.dumps({**before_index, **after_index}, indent=2))
             submission["cells"][cid]["jobs"] = outcome
             failed += any(s != "ok" for s in outcome.values())
             print(f"{cid}: " + ", ".join(f"{job} {state}" for job, state in outcome.items()), flush=True)
@@ -146,7 +152,6 @@ def update_index(launcher: Launcher, plan: list[JobSpec], jobs: dict[str, Any]) 
     launcher.write_index(plan, jobs)
     fresh = json.loads(path.read_text())
     index.update({name: entry for name, entry in fresh.items() if name in jobs})
-    from hpc_mim.rundir import atomic_write_text
     atomic_write_text(path, json.dumps(index, indent=2))
 
 
