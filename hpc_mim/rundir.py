@@ -8,13 +8,16 @@
       evals/<name>.json  each evaluation's final metrics (evals/features/: cached frozen features)
       evals/state/<name>-<hash>/  an evaluation's checkpoints/, child.json (its MLflow child
                          run, whether it finished) and starts.log, kept across requeues
+      evals/diagnostics/<child>.pt  the diagnostics' per-layer pooled features, spectrum, CKA
       logs/pretrain.log  rank 0's progress lines (logs/<job>.log: an evaluation's; logs/starts.log:
                          one line per (re)start of pre-training)
       spool/<run_id>.jsonl  MLflow calls made while the tracking server was unreachable
                          (pending-<uuid>.jsonl: a run to create; .run_id: the id it got)
       jobs/              submitit folders: sbatch scripts, logs, pickled results
 
-Evaluations need nothing but this folder: they rebuild the encoder from ``encoder.pt``.
+Evaluations need nothing but this folder: they rebuild the encoder from ``encoder.pt``. A sweep's
+cells are such folders, ``<runs_root>/<sweep>/<cell>/``, next to the sweep's ``sweep.json``
+(jobs/sweep_arrays.py).
 """
 from __future__ import annotations
 
