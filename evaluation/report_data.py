@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from mlflow.tracking import MlflowClient
 
 from hpc_mim.rundir import RunDir
-from hpc_mim.tracking import flatten
+from hpc_mim.tracking import fetch_runs, flatten, metric_history
 
 Curve = tuple[np.ndarray, np.ndarray]          # steps, values
 
@@ -41,8 +40,8 @@ class RunResult:
     history: list[str] = field(default_factory=list)
 
 
-def history(client: MlflowClient, run_id: str, key: str) -> Curve:
-    points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
+def history(uri: str, run_id: str, key: str) -> Curve:
+    points = sorted(metric_history(uri, run_id, key))
     last: dict[int, float] = {}
     for step, _, value in points:           # a step logged twice (a resumed job): the later value
         last[step] = value
@@ -50,16 +49,16 @@ def history(client: MlflowClient, run_id: str, key: str) -> Curve:
 
 
 def read_run(run_dir: Path, cell: str, group: str, seed: int | None = None) -> RunResult:
+    """One run's result; ``group`` "" = its method."""
     run = RunDir(run_dir)
     config = flatten(yaml.safe_load(run.config.read_text())) if run.config.is_file() else {}
-    result = RunResult(cell, group, str(config.get("method.name", "?")),
+    method = str(config.get("method.name", "?"))
+    result = RunResult(cell, group or method, method,
                        int(seed if seed is not None else config.get("train.seed", 0)), run.root, config=config)
     try:
         tracking = run.read_tracking()
-        client = MlflowClient(tracking["uri"])
-        parent = client.get_run(tracking["run_id"])
-        children = client.search_runs([tracking["experiment_id"]],
-                                      f"tags.mlflow.parentRunId = '{tracking['run_id']}'")
+        uri = tracking["uri"]
+        parent, *children = fetch_runs(uri, tracking["experiment_id"], tracking["run_id"])
     except Exception as e:  # noqa: BLE001 - a missing or unreachable run is listed, not fatal
         result.error = f"{type(e).__name__}: {str(e)[:200]}"
         return result
@@ -73,7 +72,7 @@ def read_run(run_dir: Path, cell: str, group: str, seed: int | None = None) -> R
                               f"({run.starts_log.name}: {run.starts_log})")
     for key in parent.data.metrics:
         if key.startswith("train/") and key != "train/epoch":
-            result.curves[key] = history(client, parent.info.run_id, key)
+            result.curves[key] = history(uri, parent.info.run_id, key)
     # oldest first: an evaluation re-run on the same run supersedes the earlier one
     for child in sorted(children, key=lambda c: c.info.start_time):
         encoder = child.data.tags.get("baseline", "pretrained")
@@ -85,9 +84,9 @@ def read_run(run_dir: Path, cell: str, group: str, seed: int | None = None) -> R
         result.metrics.setdefault(encoder, {}).update(final)
         for key in child.data.metrics:
             if key.startswith("val/") and encoder == "pretrained":
-                result.curves[f"{job}/{key}"] = history(client, child.info.run_id, key)
+                result.curves[f"{job}/{key}"] = history(uri, child.info.run_id, key)
             elif key.startswith("layer/"):
-                result.layers.setdefault(encoder, {})[key] = history(client, child.info.run_id, key)
+                result.layers.setdefault(encoder, {})[key] = history(uri, child.info.run_id, key)
         if result.jobs[job] == "diagnostics":
             name = child.info.run_name
             if (run.evals / "diagnostics" / f"{name}.pt").is_file():
@@ -116,9 +115,4 @@ def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[RunResult]]:
 
 def read_run_dirs(run_dirs: list[str]) -> list[RunResult]:
     """Runs made one by one: a row per method (several runs of a method are its seeds)."""
-    results = []
-    for d in run_dirs:
-        config = flatten(yaml.safe_load((Path(d) / "config.yaml").read_text())) \
-            if (Path(d) / "config.yaml").is_file() else {}
-        results.append(read_run(Path(d), Path(d).name, str(config.get("method.name", Path(d).name))))
-    return results
+    return [read_run(Path(d), Path(d).name, group="") for d in run_dirs]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from hpc_mim.similarity import mean_pairwise_similarity
+
 
 def patch_distances(grid: tuple[int, int], patch_size: int) -> torch.Tensor:
     """(L, L) Euclidean distances in pixels between the centres of the L = gh*gw patches."""
@@ -93,9 +95,9 @@ def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
 
 def pairwise_cosine(tokens: torch.Tensor) -> float:
     """Mean cosine similarity of all (T x T, diagonal included) pairs of tokens of an image
-    (B, T, D), averaged over images: LatentMIM's ``avg_pairwise_sim``, 1 = collapsed."""
-    t = torch.nn.functional.normalize(tokens.double(), dim=-1)
-    return float(torch.einsum("btd,bsd->bts", t, t).mean())
+    (B, T, D), averaged over images: LatentMIM's ``avg_pairwise_sim`` (the same function as its
+    regulariser, hpc_mim/similarity.py), 1 = collapsed."""
+    return float(mean_pairwise_similarity(tokens, torch.float64))
 
 
 def _centred_gram(x: torch.Tensor) -> torch.Tensor:

@@ -221,6 +221,11 @@ class MLflowLogger:
             os.fsync(f.fileno())
 
 
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, int, float]]:
+    """Every logged point of metric ``key`` as (step, timestamp ms, value)."""
+    return [(m.step, m.timestamp, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
 def fetch_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
     """The parent run and its children (for reports and tests)."""
     client = MlflowClient(uri)

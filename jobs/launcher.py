@@ -52,7 +52,7 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     """Job body: export rank/world/rendezvous, call ``entry``, record how it ended (rank 0),
     with the task's wall time and peak RSS."""
     start = time.time()
-    from hpc_mim.distributed.env import DistEnv, port_for_job, slurm_master_addr
+    from hpc_mim.distributed.env import DistEnv, job_port, slurm_master_addr
     from hpc_mim.distributed.preemption import STOP, Preempted, requeue_self
     STOP.install()
     try:
@@ -68,7 +68,7 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
         DistEnv(rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
                 local_world_size=job.num_tasks // max(1, job.num_nodes),
                 master_addr=slurm_master_addr() if on_slurm else "127.0.0.1",
-                master_port=port_for_job(job.job_id)).export()
+                master_port=job_port(job.job_id)).export()
     module, func = entry.split(":")
     try:
         result = getattr(importlib.import_module(module), func)(**kwargs)

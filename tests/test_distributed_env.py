@@ -36,3 +36,15 @@ def test_rendezvous_timeout_names_host_and_port(tmp_path, data_root):
     assert r.returncode != 0
     assert f"rendezvous failed at 127.0.0.1:{port} (rank 1/2, backend gloo)" in r.stderr, r.stderr[-3000:]
     assert time.time() - start < 120
+
+
+def test_array_tasks_get_their_rendezvous_port_from_their_own_slurm_job_id(monkeypatch):
+    from hpc_mim.distributed.env import job_port, port_for_job
+    # submitit names array tasks "<array>_<task>": "12_34" and "123_4" read as the same digits
+    assert port_for_job("12_34") == port_for_job("123_4")
+    monkeypatch.setenv("SLURM_JOB_ID", "57")            # task 12_34's own job id
+    first = job_port("12_34")
+    monkeypatch.setenv("SLURM_JOB_ID", "61")            # task 123_4's
+    assert first != job_port("123_4") and first == port_for_job("57")
+    monkeypatch.delenv("SLURM_JOB_ID")                  # a local job: the launcher's id
+    assert job_port("4242") == port_for_job("4242")

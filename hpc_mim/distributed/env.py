@@ -39,6 +39,13 @@ def port_for_job(job_id: str | int) -> int:
     return 20000 + int(digits) % 20000
 
 
+def job_port(launcher_job_id: str) -> int:
+    """The rendezvous port of the running job: from SLURM's own job id when there is one (an
+    array task has its own SLURM_JOB_ID; the launcher's "<array>_<task>" ids would collide:
+    "12_34" and "123_4" read as the same digits), else from the launcher's id (local jobs)."""
+    return port_for_job(os.environ.get("SLURM_JOB_ID") or launcher_job_id)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

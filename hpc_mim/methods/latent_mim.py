@@ -32,6 +32,7 @@ from hpc_mim.methods.ema import EMATeacher, cosine_momentum
 from hpc_mim.models.cross_decoder import CrossAttentionDecoder
 from hpc_mim.models.heads import mlp_head
 from hpc_mim.models.vit import build_encoder
+from hpc_mim.similarity import mean_pairwise_similarity
 
 
 def patch_discrimination_loss(pred: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
@@ -48,15 +49,6 @@ def patch_discrimination_loss(pred: torch.Tensor, target: torch.Tensor, tau: flo
     n, t = scores.shape[:2]
     labels = torch.arange(t, device=scores.device).repeat(n)
     return F.cross_entropy(scores.flatten(0, 1), labels) * 2 * tau
-
-
-def mean_pairwise_similarity(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the (N, T, T) cosine matrices of x (N, T, D), diagonal included: the authors'
-    ``avg_pairwise_sim`` (yibingwei-1/LatentMIM models_lmim.py). The diagonal of ones raises an
-    off-diagonal mean m to m + (1 - m) / T (up to 0.05 with ViT-B's 20 visible tokens), and
-    the regulariser's target s is meant on this scale. fp32 whatever the input."""
-    x = F.normalize(x.float(), dim=-1)
-    return torch.einsum("npd,nqd->npq", x, x).mean()
 
 
 class LatentMIM(MIMMethod):
