@@ -2,10 +2,10 @@
 # (they install the Debian packages, create .venv and install the pinned stack first).
 PY := .venv/bin/python
 METHOD ?= mae
-PRESET ?= fmnist_tiny
+PRESET ?= fmnist_demo
 ARGS ?=
 
-.PHONY: setup data demo test check-paper-scale gpu-check slurm-start slurm-stop clean
+.PHONY: setup data demo demo-full bench test check-paper-scale gpu-check slurm-start slurm-stop clean
 
 setup:
 	bash scripts/setup.sh
@@ -15,8 +15,18 @@ data: setup
 	@test -f data/fmnist_scenes/coco/annotations/instances_val2017.json || \
 		$(PY) -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500
 
-demo: data
+# ~20 min on 2 cores without AVX-512 (scripts/demo.sh converts the data on first use)
+demo: setup
 	bash scripts/demo.sh $(METHOD) $(PRESET) $(ARGS)
+
+# the 16-epoch showcase of the README (preset fmnist_tiny, ~75 min on 2 AVX-512 cores)
+demo-full: setup
+	bash scripts/demo.sh $(METHOD) fmnist_tiny $(ARGS)
+
+# method step, pipeline loop vs plain PyTorch, loader, the last demo's stages (< 15 min)
+bench: setup
+	@test -f data/fmnist/train.beton || $(PY) -m data_prep.fashion_mnist --out data/fmnist
+	$(PY) benchmarks/bench.py --out runs/bench.json $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -rs tests

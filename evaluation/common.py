@@ -29,7 +29,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from evaluation import baseline_cache
 from hpc_mim.config import Config, load_config, read_config
+from hpc_mim.datasets import manifest_sha256
 from hpc_mim.distributed.preemption import Preempted
 from hpc_mim.models import build_encoder, load_encoder
 from hpc_mim.rundir import RunDir, atomic_write_text
@@ -121,13 +123,15 @@ Body = Callable[[EvalContext], Iterator[tuple[str, dict[str, float]]]]
 
 def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: str | None = None,
              label: str = "", pixels: bool = True, overrides: list[str] = (),
-             always: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+             always: tuple[str, ...] = (), cacheable: bool = True) -> dict[str, dict[str, float]]:
     """Evaluation ``name`` of the run's encoder and each of ``eval.baselines`` (or only
     ``baseline``) on ``dataset``: one MLflow child run each, named ``label`` (the job's entry in
     ``evals``, e.g. ``linear_probe:cub``) plus ``[baseline]``; metrics also written to
     run/evals/. ``pixels=False``: the evaluation needs an encoder (fine-tuning, dense tasks).
     ``overrides`` (``--set``) change the run's config for this evaluation only; ``always``:
-    baselines this evaluation runs whatever ``eval.baselines`` says (diagnostics: random_init)."""
+    baselines this evaluation runs whatever ``eval.baselines`` says (diagnostics: random_init).
+    ``cacheable``: the random-init baseline's metrics are all it produces, so an earlier run's
+    with the same key are reused (evaluation/baseline_cache.py)."""
     if baseline == "pixels" and not pixels:
         raise ValueError(f"{name} trains through an encoder: --baseline pixels applies to the "
                          "frozen-feature evaluations (knn, linear_probe) only")
@@ -147,15 +151,30 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     for b in [b for b in baselines if b not in todo and proc.env.is_main]:
         print(f"[eval] {child_name(label, b)}: finished before this start, metrics in "
               f"{states[b] / 'child.json'}", flush=True)
+    info = cfg.dataset_info(dataset, key=f"eval.{name}.dataset")
+    cache = None
+    if cacheable and "random_init" in todo:
+        cache = baseline_cache.cache_file(run, label, params, baseline_cache.architecture(
+            run, asdict(cfg.model)), manifest_sha256(info), proc.env.world_size)
+        if (hit := baseline_cache.lookup(cache)) is not None:
+            todo.remove("random_init")
+            results["random_init"] = hit["metrics"]
+            if proc.env.is_main:
+                reuse(run, label, name, dataset, params, states["random_init"], hit)
     loggers = {b: child_run(run, label, name, b, dataset, params, states[b]) for b in todo} \
         if proc.env.is_main else {}
     try:
-        info = cfg.dataset_info(dataset, key=f"eval.{name}.dataset")
         ctx = EvalContext(run, cfg, section, info, label, proc, todo, dict(loggers), states)
+        tic = time.time()
         for b, metrics in body(ctx):
             results[b or "pretrained"] = metrics
             if proc.env.is_main:
-                finish(run, loggers.pop(b), label, b, metrics, states[b])
+                logger = loggers.pop(b)
+                finish(run, logger, label, b, metrics, states[b])
+                run.record_stage(label, b or "pretrained", time.time() - tic)
+                if b == "random_init" and cache is not None:
+                    baseline_cache.store(cache, metrics, run, logger.run_id)
+            tic = time.time()
     except BaseException as e:
         # a scheduler stop (Preempted) is not a failure: the requeued job continues these runs
         stopped = isinstance(e, Preempted)
@@ -164,6 +183,18 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
             logger.finish("KILLED" if stopped else "FAILED")
         raise
     return results
+
+
+def reuse(run: RunDir, label: str, name: str, dataset: str, params: dict[str, Any], state: Path,
+          hit: dict[str, Any]) -> None:
+    """The random-init child of this run, with the metrics another run computed for the same
+    key (tag ``reused_from``: that run's directory and MLflow child run)."""
+    source = f"{hit['run_dir']} (MLflow run {hit['run_id']})"
+    logger = child_run(run, label, name, "random_init", dataset, params, state)
+    logger.set_tags({"reused_from": source})
+    finish(run, logger, label, "random_init", hit["metrics"], state)
+    run.record_stage(label, "random_init", 0.0, reused_from=source)
+    print(f"[eval] {child_name(label, 'random_init')}: reused from {source}", flush=True)
 
 
 def state_folder(run: RunDir, label: str, baseline: str, params: dict[str, Any]) -> Path:

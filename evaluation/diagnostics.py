@@ -129,7 +129,8 @@ def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
 def main(run_dir: str, dataset: str = "", baseline: str | None = None, label: str = "",
          overrides: list[str] = ()) -> dict[str, dict[str, float]]:
     return run_eval(run_dir, "diagnostics", body, dataset, baseline, label, pixels=False,
-                    overrides=overrides, always=("random_init",))
+                    overrides=overrides, always=("random_init",),
+                    cacheable=False)     # its per-layer file (evals/diagnostics/) is an output too
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ class RunResult:
     curves: dict[str, Curve] = field(default_factory=dict)               # train/* and job/val/*
     layers: dict[str, dict[str, Curve]] = field(default_factory=dict)    # encoder -> layer/* curves
     diagnostics: dict[str, Path] = field(default_factory=dict)           # encoder -> .pt file
+    reused: dict[str, str] = field(default_factory=dict)                 # job -> the random-init source
     provenance: dict[str, str] = field(default_factory=dict)
     config: dict[str, str] = field(default_factory=dict)                 # flattened, as strings
     history: list[str] = field(default_factory=list)
@@ -79,6 +80,8 @@ def read_run(run_dir: Path, cell: str, group: str, seed: int | None = None) -> R
         job = child.data.tags.get("job", child.info.run_name)
         result.jobs[job] = child.data.tags.get("eval", job)
         result.job_status.setdefault(encoder, {})[job] = child.info.status
+        if "reused_from" in child.data.tags:
+            result.reused[job] = child.data.tags["reused_from"]
         final = {f"{job}/{k}": v for k, v in child.data.metrics.items()
                  if not k.startswith(("layer/", "cka/", "spectrum", "train/", "val/"))}
         result.metrics.setdefault(encoder, {}).update(final)

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from evaluation.report_stats import mean_std
-from evaluation.report_tables import fmt_diff, fmt_mean
+from evaluation.report_tables import fmt_diff, fmt_mean, versus_random
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
 color:#222;max-width:1400px}h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid
@@ -62,6 +62,15 @@ def sections(report: dict[str, Any], figures: dict[str, Any]) -> list[tuple[str,
                 for row in rows for enc in sorted({e for r in row.cells for e in r.metrics}, key=ENCODERS.index)]
     out.append(("Every encoder (pretrained, random_init, pixels baselines)",
                 {"header": ["method", "encoder", *[c.key for c in cols]], "rows": encoders, "best": set()}))
+    versus = versus_random(rows, cols)
+    if versus:
+        out.append(("Pre-trained vs random init at this budget",
+                    {"header": ["method", "evaluation", "pre-trained", "random init", "Δ", "verdict"],
+                     "rows": versus, "best": set()}))
+        sources = sorted({src for row in rows for r in row.cells for src in r.reused.values()})
+        out.append(("", ["Same architecture, seed, protocol and batches; Δ = pre-trained − random init."]
+                    + [f"* random-init figures reused from {src} (same architecture, evaluation "
+                       "settings, seed, data and code: evaluation/baseline_cache.py)" for src in sources]))
     missing = [f"{cell}: {key} — {status}" for cell, key, status in report["missing"]]
     out.append(("Failed or missing", missing or ["none: every run has every evaluation"]))
     history = [f"{r.cell}: " + " | ".join(r.history) for row in rows for r in row.cells

@@ -117,6 +117,29 @@ def build(results: list[RunResult], baseline: str = "mae", rules: dict[str, str]
             "missing": missing, "provenance": provenance(results), "alpha": alpha}
 
 
+def versus_random(rows: list[Row], cols: list[Column]) -> list[list[str]]:
+    """Per method and task column: does the pre-trained encoder beat the random-init one of the
+    same architecture, seed and protocol at this budget? ``[method, column, pre-trained, random
+    init, difference, verdict]``; a random init reused from another run is marked with ``*``."""
+    out = []
+    for row in rows:
+        for col in cols:
+            if col.evaluation not in RANKED:
+                continue
+            pre = [v for r in row.cells if (v := r.metrics.get("pretrained", {}).get(col.key)) is not None]
+            rnd = [v for r in row.cells if (v := r.metrics.get("random_init", {}).get(col.key)) is not None]
+            if not pre or not rnd:
+                continue
+            diff = float(np.mean(pre) - np.mean(rnd))
+            verdict = ("pre-training helps" if diff > 0 else
+                       "pre-training does not help (yet)" if diff < 0 else "tie")
+            reused = "*" if any(col.job in r.reused for r in row.cells) else ""
+            seeds = "" if len(pre) > 1 else " (one seed)"
+            out.append([row.group, col.key, fmt_mean(pre), fmt_mean(rnd) + reused,
+                        f"{diff:+.2f}", verdict + seeds])
+    return out
+
+
 def provenance(results: list[RunResult]) -> dict[str, Any]:
     """Per run: code version and datasets; warnings when the rows of one table differ."""
     per_run = [(r.cell, r.provenance.get("git_commit", "?")[:10]

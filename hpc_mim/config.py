@@ -149,6 +149,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20                 # optimizer steps between metric points
     max_steps: int = 0                  # 0 = run all epochs; > 0 stops early (smoke tests)
+    compile: bool = False               # torch.compile the method's networks (MIMMethod.compiled)
 
     def validate(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")

@@ -10,7 +10,8 @@
                          run, whether it finished) and starts.log, kept across requeues
       evals/diagnostics/<child>.pt  the diagnostics' per-layer pooled features, spectrum, CKA
       logs/pretrain.log  rank 0's progress lines (logs/<job>.log: an evaluation's; logs/starts.log:
-                         one line per (re)start of pre-training)
+                         one line per (re)start of pre-training; logs/stages.jsonl: where each
+                         job spent its time, read by jobs/stages.py)
       spool/<run_id>.jsonl  MLflow calls made while the tracking server was unreachable
                          (pending-<uuid>.jsonl: a run to create; .run_id: the id it got)
       jobs/              submitit folders: sbatch scripts, logs, pickled results
@@ -75,3 +76,18 @@ class RunDir:
         path = self.evals / f"{name}.json"
         atomic_write_text(path, json.dumps(metrics, indent=2))
         return path
+
+    stages_log = property(lambda self: self.root / "logs" / "stages.jsonl")
+
+    def record_stage(self, job: str, stage: str, seconds: float, **extra: Any) -> None:
+        """Append where a job spent its time (rank 0; a requeued job appends again, so a stage's
+        lines sum to all the time spent on it). jobs/stages.py prints and logs the breakdown."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.stages_log, "a") as f:
+            f.write(json.dumps({"job": job, "stage": stage, "seconds": round(seconds, 2),
+                                **extra}) + "\n")
+
+    def read_stages(self) -> list[dict[str, Any]]:
+        if not self.stages_log.is_file():
+            return []
+        return [json.loads(line) for line in self.stages_log.read_text().splitlines() if line.strip()]

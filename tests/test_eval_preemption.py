@@ -20,10 +20,10 @@ from test_pipeline import scontrol
 from test_preemption import wait_until
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-FINETUNE_STEPS, SEG_STEPS, EVAL_EVERY = 320, 300, 100
+FINETUNE_STEPS, SEG_STEPS, EVAL_EVERY = 160, 150, 50
 SETTINGS = [
     "evals=[finetune, segmentation]", "eval.finetune.nodes=2", "eval.segmentation.nodes=2",
-    "eval.finetune.max_steps=0", "eval.finetune.epochs=40", "eval.finetune.max_train_samples=512",
+    "eval.finetune.max_steps=0", "eval.finetune.epochs=20", "eval.finetune.max_train_samples=512",
     f"eval.segmentation.steps={SEG_STEPS}",
     *[f"eval.{n}.{k}={v}" for n in ("finetune", "segmentation")
       for k, v in (("log_every", 1), ("checkpoint_every", 25), ("eval_every", EVAL_EVERY))],

@@ -149,6 +149,28 @@ def test_local_cluster_pipeline(tmp_path, data_root):
     report = subprocess.run([sys.executable, "-m", "evaluation.report", "--run-dir", str(run_dir)],
                             capture_output=True, text=True)
     assert report.returncode == 0 and "pretrained" in report.stdout and "pixels" in report.stdout
+    check_stages(run_dir)
+
+
+def check_stages(run_dir):
+    """Where the time went: every job's wall time, its recorded stages, logged to MLflow."""
+    out = subprocess.run([sys.executable, "-m", "jobs.stages", str(run_dir), "--extra", "data conversion=7",
+                          "--log-mlflow", "--json", str(run_dir / "stages.json")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((run_dir / "stages.json").read_text())
+    jobs = {r["job"]: r["seconds"] for r in rows if not r["stage"]}
+    assert set(jobs) == {"data conversion", "pretrain", "knn", "linear_probe"} and jobs["data conversion"] == 7
+    stages = {(r["job"], r["stage"]): r["seconds"] for r in rows if r["stage"]}
+    assert {("pretrain", "training loop"), ("pretrain", "export"), ("knn", "pretrained"),
+            ("knn", "pixels"), ("linear_probe", "pixels")} <= set(stages)
+    for job in ("pretrain", "knn", "linear_probe"):        # the stages fit inside the job's wall time
+        inner = sum(s for (j, _), s in stages.items() if j == job)
+        assert 0 < inner <= jobs[job] + 0.5, (job, inner, jobs[job])
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    metrics = MlflowClient(tracking["uri"]).get_run(tracking["run_id"]).data.metrics
+    assert metrics["time/pretrain/training_loop_s"] == pytest.approx(stages[("pretrain", "training loop")])
+    assert metrics["time/total_s"] == pytest.approx(sum(jobs.values()))
 
 
 def test_local_failed_pretraining_starts_no_evaluation(tmp_path, data_root):
@@ -209,3 +231,52 @@ def test_slurm_nan_loss_stops_keeps_last_good_checkpoint_and_no_evaluation_start
                                   f"tags.mlflow.parentRunId = '{tracking['run_id']}'")
     status = submit("--status", str(run_dir))
     assert status.returncode == 1 and "FloatingPointError: non-finite loss at step 3" in status.stdout
+
+
+def eval_run(root, name: str, data_root):
+    """A run directory without pre-training (enough for the random-init baseline)."""
+    from hpc_mim import tracking
+    from hpc_mim.config import save_config
+    from hpc_mim.rundir import RunDir
+    cfg = load_config("mae", "smoke", overrides=[f"data.root={data_root}"])
+    run = RunDir(root / name).create()
+    save_config(cfg, run.config)
+    uri = tracking.default_uri(root)
+    exp = tracking.ensure_experiment(uri, "test")
+    parent = tracking.MLflowLogger.create_run(uri, exp, name)
+    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
+    return run
+
+
+def test_random_init_baseline_is_computed_once_per_key(tmp_path, data_root):
+    def knn(run, *sets):
+        r = subprocess.run([sys.executable, "-m", "evaluation.knn", "--run-dir", str(run.root),
+                            "--baseline", "random_init", *[a for s in sets for a in ("--set", s)]],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    def child(run):
+        tracking = run.read_tracking()
+        (c,) = MlflowClient(tracking["uri"]).search_runs(
+            [tracking["experiment_id"]], f"tags.mlflow.parentRunId = '{tracking['run_id']}'")
+        return c
+
+    a, b = eval_run(tmp_path, "a", data_root), eval_run(tmp_path, "b", data_root)
+    assert "reused" not in knn(a)
+    (entry,) = (tmp_path / ".baseline_cache").glob("knn-*.json")
+    assert json.loads(entry.read_text())["run_dir"] == str(a.root)
+    assert "reused_from" not in child(a).data.tags
+    out = knn(b)                                          # same architecture, settings, seed
+    assert f"reused from {a.root}" in out
+    reused = child(b)
+    assert reused.data.tags["reused_from"].startswith(str(a.root)) and reused.info.status == "FINISHED"
+    assert reused.data.metrics == child(a).data.metrics
+    assert json.loads((b.evals / "knn[random_init].json").read_text()) == \
+        json.loads((a.evals / "knn[random_init].json").read_text())
+    (line,) = b.read_stages()
+    assert line["stage"] == "random_init" and line["reused_from"].startswith(str(a.root))
+    # another setting is another key: computed, not reused
+    c = eval_run(tmp_path, "c", data_root)
+    assert "reused" not in knn(c, "eval.knn.ks=[5]")
+    assert len(list((tmp_path / ".baseline_cache").glob("knn-*.json"))) == 2

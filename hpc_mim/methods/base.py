@@ -21,6 +21,10 @@ class MIMMethod(nn.Module):
     encoder: nn.Module
     terms: tuple[str, ...] = ()
     extra_views: tuple[str, ...] = ()
+    # the networks ``train.compile`` compiles: whole modules the forward calls, never the
+    # masking or noise draws (compiled random ops would draw from another generator than the
+    # one checkpoints save, and exact resume would be lost)
+    compiled: tuple[str, ...] = ("encoder", "decoder")
 
     @property
     def input_size(self) -> int:
@@ -29,6 +33,22 @@ class MIMMethod(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def compile_networks(self, device: torch.device) -> list[str]:
+        """``torch.compile`` each module named in ``compiled`` in place (``nn.Module.compile``:
+        parameters and state-dict keys unchanged, so checkpoints and the export are the same).
+        On CPU, timm's attention also takes its explicit softmax path, which inductor fuses:
+        for the demo ViT's 13-50 tokens SDPA's CPU flash kernel cost more (benchmarks/bench.py).
+        On CUDA the fused SDPA kernel stays. Returns the names compiled."""
+        names = [n for n in self.compiled if isinstance(getattr(self, n, None), nn.Module)]
+        for name in names:
+            module = getattr(self, name)
+            if device.type == "cpu":
+                for sub in module.modules():
+                    if hasattr(sub, "fused_attn"):
+                        sub.fused_attn = False
+            module.compile()
+        return names
 
     @torch.no_grad()
     def on_optimizer_step(self, progress: float) -> None:
