@@ -7,6 +7,8 @@ demo's time went; prints a table naming the machine (CPU model, ISA flags) and w
   loss terms, stop-signal agreement, progress lines), img/s of its log windows after the first,
   once per setting of ``--pipeline`` (config overrides, e.g. ``train.compile=true``)
 - loader: FFCV's training loader alone (seeded crops), img/s after its first epoch
+- the bare step's profile (share of matmuls and attention, matmul GFLOP/s), and the plain step
+  with torch, MKL and oneDNN capped at AVX2 (an estimate of a machine without AVX-512)
 
 All on the demo's ViT (preset fmnist_tiny: 128-d, 6 blocks, 28 px, patch 4; batch 256). The
 step variants alternate for ``--rounds`` rounds and each reports its median, so a machine that
@@ -128,6 +130,48 @@ def loader_rate(preset: str, images: int) -> float:
     return rate
 
 
+def matmul_share(batch: int, preset: str) -> dict[str, float]:
+    """Where the bare eager step's time goes (torch profiler, 3 steps): the share in matmuls
+    (mm, addmm, bmm) and in attention, and the matmuls' achieved GFLOP/s -- what bounds any
+    speed-up that leaves the arithmetic as it is."""
+    from torch.profiler import profile
+    cfg = load_config("mae", preset)
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.method)
+    opt = torch.optim.AdamW(method.parameters(), lr=1.5e-4, fused=True)
+    data = {"image": torch.randn(batch, 3, method.input_size, method.input_size)}
+
+    def step() -> None:
+        loss = method(data)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    step()
+    with profile(with_flops=True) as prof:
+        for _ in range(3):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    mm_us = sum(e.self_cpu_time_total for e in mm)
+    attn_us = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+    return {"matmul_share": mm_us / total, "attention_share": attn_us / total,
+            "matmul_gflops": sum(e.flops for e in mm) / max(mm_us, 1) / 1e3}
+
+
+AVX2_CAP = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def plain_subprocess(cap: bool, steps: int) -> float:
+    """plain_mae.py in a fresh process, optionally with every library capped at AVX2 (what a
+    machine without AVX-512 runs; same clock, so only an estimate of such a machine)."""
+    env = {**os.environ, **(AVX2_CAP if cap else {})}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "plain_mae.py"), "--steps", str(steps)],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    return float(out.split("plain MAE: ")[1].split()[0])
+
+
 def demo_stages() -> dict[str, object]:
     """The newest demo's stage breakdown (runs/demo-*/stages.json, written by make demo)."""
     found = sorted((REPO / "runs").glob("demo-*/stages.json"), key=lambda p: p.stat().st_mtime)
@@ -149,6 +193,7 @@ def main() -> int:
     ap.add_argument("--loader-images", type=int, default=20000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench.json"))
     args = ap.parse_args()
+    os.chdir(REPO)                                  # data/ and runs/ are relative to the repository
     torch.set_num_threads(os.cpu_count() or 1)
     settings = args.pipeline if args.pipeline is not None else ["", "train.compile=true"]
     info = machine()
@@ -165,11 +210,17 @@ def main() -> int:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     loader = loader_rate(args.preset, args.loader_images)
+    shares = matmul_share(args.batch, args.preset)
+    isa = {"native": plain_subprocess(False, args.steps), "avx2_cap": plain_subprocess(True, args.steps)}
     stages = demo_stages()
     print(f"\n{'step (MAE, demo ViT, batch %d)' % args.batch:44s} {'img/s':>7s} {'/plain':>7s} {'/bare':>7s}")
     for k, v in median.items():
         print(f"{k:44s} {v:7.0f} {v / median['plain']:7.2f} {v / median['bare']:7.2f}")
     print(f"{'FFCV training loader alone (2nd epoch)':44s} {loader:7.0f}")
+    print(f"\nbare eager step: {100 * shares['matmul_share']:.0f}% of the time in matmuls at "
+          f"{shares['matmul_gflops']:.0f} GFLOP/s, {100 * shares['attention_share']:.0f}% in attention")
+    print(f"plain step in a fresh process: {isa['native']:.0f} img/s; with torch, MKL and oneDNN capped "
+          f"at AVX2: {isa['avx2_cap']:.0f} img/s ({isa['native'] / isa['avx2_cap']:.2f}x slower)")
     if "rows" in stages:
         print(f"\nlast demo ({stages['run']}):")
         for row in stages["rows"]:
@@ -179,6 +230,7 @@ def main() -> int:
         print(f"\nlast demo: {stages['note']}")
     result = {"machine": info, "preset": args.preset, "batch": args.batch, "rounds": rates,
               "median_img_per_s": median, "loader_img_per_s": loader, "demo": stages,
+              "bare_profile": shares, "plain_isa": isa,
               "ratios": {k: {"plain": v / median["plain"], "bare": v / median["bare"]}
                          for k, v in median.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,9 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     if cacheable and "random_init" in todo:
         cache = baseline_cache.cache_file(run, label, params, baseline_cache.architecture(
             run, asdict(cfg.model)), manifest_sha256(info), proc.env.world_size)
-        if (hit := baseline_cache.lookup(cache)) is not None:
+        found = [baseline_cache.lookup(cache) if proc.env.is_main else None]
+        dist.broadcast_object_list(found, src=0)    # every rank must skip it or compute it
+        if (hit := found[0]) is not None:
             todo.remove("random_init")
             results["random_init"] = hit["metrics"]
             if proc.env.is_main:

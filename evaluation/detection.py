@@ -76,7 +76,9 @@ class Detector(EncoderModel):
             num_classes=num_classes, min_size=s.image_size, max_size=s.image_size,
             image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
             box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
-            box_batch_size_per_image=s.rois_per_image)
+            box_batch_size_per_image=s.rois_per_image, box_detections_per_img=s.detections_per_image,
+            rpn_pre_nms_top_n_train=s.proposals_train[0], rpn_post_nms_top_n_train=s.proposals_train[1],
+            rpn_pre_nms_top_n_test=s.proposals_test[0], rpn_post_nms_top_n_test=s.proposals_test[1])
         if masks:
             kwargs["mask_roi_pool"] = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
         detector = MaskRCNN if masks else FasterRCNN

@@ -135,7 +135,8 @@ def versus_random(rows: list[Row], cols: list[Column]) -> list[list[str]]:
                        "pre-training does not help (yet)" if diff < 0 else "tie")
             reused = "*" if any(col.job in r.reused for r in row.cells) else ""
             seeds = "" if len(pre) > 1 else " (one seed)"
-            out.append([row.group, col.key, fmt_mean(pre), fmt_mean(rnd) + reused,
+            show = lambda v: fmt_mean(v) if len(v) > 1 else f"{v[0]:.2f}"  # noqa: E731
+            out.append([row.group, col.key, show(pre), show(rnd) + reused,
                         f"{diff:+.2f}", verdict + seeds])
     return out
 

@@ -202,6 +202,12 @@ class DetectionConfig(Trained):
     box_head_dim: int = 1024            # torchvision's two-layer MLP box head
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per level
     rois_per_image: int = 512
+    # RPN proposals kept before / after NMS, training and test, and detections per image:
+    # torchvision's defaults for ~1024 px COCO images; a 64 px scene with a few objects needs
+    # a tenth of them
+    proposals_train: list[int] = field(default_factory=lambda: [2000, 2000])
+    proposals_test: list[int] = field(default_factory=lambda: [1000, 1000])
+    detections_per_image: int = 100
     attention: str = "window"           # window: ViTDet's windows + global_blocks | global: every block
     window_size: int = 14               # tokens per window side
     global_blocks: list[int] = field(default_factory=list)  # [] = 4 evenly spaced (ViT-B: 2, 5, 8, 11)
@@ -215,6 +221,11 @@ class DetectionConfig(Trained):
         _check(len(self.anchor_sizes) == 5, "detection.anchor_sizes",
                "one size per pyramid level: the four scale_factors levels and the pooled one")
         _check_factors("detection.scale_factors", self.scale_factors)
+        for key in ("proposals_train", "proposals_test"):
+            v = getattr(self, key)
+            _check(len(v) == 2 and 0 < v[1] <= v[0], f"detection.{key}",
+                   f"{v}: [kept before NMS, kept after NMS], 0 < after <= before")
+        _check(self.detections_per_image >= 1, "detection.detections_per_image", "must be >= 1")
         _check(self.image_size % 32 == 0, "detection.image_size", "must be a multiple of 32")
 
 

@@ -29,6 +29,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# a requeued job may start again only after its credential expired: ~12 s with these values
+# (cred_expire 10, a scheduler pass every 5 s, backfill every 2 s) against ~140 s with SLURM's
+# defaults; the tests requeue jobs a dozen times
 AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -75,3 +75,16 @@ def test_html_is_self_contained():
     assert page.count("<img ") == 1 and "src='data:image/svg+xml;base64," in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
     assert "<style>" in page and "data-rendered" in page
+
+
+def test_pretrained_vs_random_init_says_which_rows_favour_pre_training_and_marks_reuse():
+    r = result("mae", 0, 72.0)
+    r.jobs["segmentation"] = "segmentation"
+    r.metrics = {"pretrained": {"knn/top1": 72.0, "segmentation/miou": 20.0},
+                 "random_init": {"knn/top1": 64.5, "segmentation/miou": 22.5}}
+    r.reused = {"knn": "/runs/demo-a (MLflow run 123)"}
+    md = markdown(build([r]), {}, "t")
+    assert "## Pre-trained vs random init at this budget" in md
+    assert "| mae | knn/top1 | 72.00 | 64.50* | +7.50 | pre-training helps (one seed) |" in md
+    assert "| mae | segmentation/miou | 20.00 | 22.50 | -2.50 | pre-training does not help (yet) (one seed) |" in md
+    assert "* random-init figures reused from /runs/demo-a (MLflow run 123)" in md
