@@ -92,6 +92,17 @@ def bare_rate(batch: int, steps: int, preset: str, overrides: list[str]) -> floa
     return timed(step, batch, steps)
 
 
+def pipeline_subprocess(preset: str, setting: str, steps: int, log_every: int) -> float:
+    """``pipeline_rate`` in a fresh process: a loop stopped mid-epoch leaves FFCV's loader
+    threads decoding ahead, which would slow down whatever this process measured next."""
+    out = subprocess.run([sys.executable, __file__, "--one-pipeline", setting, "--preset", preset,
+                          "--pipeline-steps", str(steps), "--log-every", str(log_every)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"pipeline [{setting}] failed: {out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def pipeline_rate(preset: str, overrides: list[str], steps: int, log_every: int) -> float:
     """Median img/s of the real loop's log windows, the first (warm-up, JIT) left out."""
     from hpc_mim.distributed.env import DistEnv, free_port
@@ -192,10 +203,17 @@ def main() -> int:
                     help="a pipeline setting: comma-separated --set overrides ('' = the preset's)")
     ap.add_argument("--loader-images", type=int, default=20000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench.json"))
+    ap.add_argument("--one-pipeline", default=None, help=argparse.SUPPRESS)   # the child process
     args = ap.parse_args()
+    if args.one_pipeline is not None:
+        os.chdir(REPO)
+        over = [o for o in args.one_pipeline.split(",") if o]
+        print(pipeline_rate(args.preset, over, args.pipeline_steps, args.log_every))
+        return 0
     os.chdir(REPO)                                  # data/ and runs/ are relative to the repository
     torch.set_num_threads(os.cpu_count() or 1)
-    settings = args.pipeline if args.pipeline is not None else ["", "train.compile=true"]
+    settings = args.pipeline if args.pipeline is not None else \
+        ["", "train.compile=false", "train.zero_stage=2"]
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, ISA {' '.join(info['isa'])}, "
           f"ATen {info['aten_cpu_capability']}, torch {info['torch']}", flush=True)
@@ -204,9 +222,8 @@ def main() -> int:
         rates.setdefault("plain", []).append(plain_rate(args.batch, args.steps))
         rates.setdefault("bare", []).append(bare_rate(args.batch, args.steps, args.preset, []))
         for s in settings:
-            over = [o for o in s.split(",") if o]
             rates.setdefault(f"pipeline[{s or 'default'}]", []).append(
-                pipeline_rate(args.preset, over, args.pipeline_steps, args.log_every))
+                pipeline_subprocess(args.preset, s, args.pipeline_steps, args.log_every))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     loader = loader_rate(args.preset, args.loader_images)
