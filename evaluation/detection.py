@@ -149,7 +149,7 @@ class DetectionTask(DenseTask):
         self.model = Detector(encoder, num_categories(self.coco), s, info["mean"], info["std"],
                               masks).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.param_groups(s.weight_decay, s.layer_decay),
-                                           lr=s.lr, betas=(0.9, 0.999))
+                                           lr=s.lr, betas=(0.9, 0.999), fused=True)
 
     def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int) -> MultiStepLRScheduler:
         s = self.ctx.section

@@ -60,7 +60,7 @@ class FinetuneTask(Task):
         self.micro = s.micro_batch_size or s.batch_size // env.world_size
         self.lr = s.blr * s.batch_size / 256
         self.optimizer = torch.optim.AdamW(model.param_groups(s.weight_decay, s.layer_decay),
-                                           lr=self.lr, betas=(0.9, 0.999))
+                                           lr=self.lr, betas=(0.9, 0.999), fused=True)
         img_size = model.encoder.config["img_size"]
         self.loader = build_loader(info["train"], self.micro, img_size, info["mean"], info["std"],
                                    train=True, seed=cfg.train.seed, crop_scale=(0.08, 1.0), hflip=True,

@@ -104,7 +104,7 @@ class SegmentationTask(DenseTask):
         self.model = Segmenter(encoder, self.num_classes, s.channels,
                                s.blocks or default_blocks(encoder.depth), s.rescales).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.param_groups(s.weight_decay, s.layer_decay),
-                                           lr=s.lr, betas=(0.9, 0.999))
+                                           lr=s.lr, betas=(0.9, 0.999), fused=True)
 
     def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int) -> PolyLRScheduler:
         s = self.ctx.section
