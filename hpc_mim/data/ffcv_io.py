@@ -22,12 +22,12 @@ Set ``HPC_MIM_FFCV_JIT=0`` to skip numba compilation (10-20 s per loader; useful
 """
 from __future__ import annotations
 
-import _thread
 import functools
 import itertools
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -251,8 +251,14 @@ def _watch(errors, done: threading.Event, failure: list[str]) -> None:
             dead = [w for w in workers if w.exitcode not in (None, 0)]
             if not dead:
                 continue
-            failure.append(f"writer worker {dead[0].pid} died (exit code {dead[0].exitcode})")
-        _thread.interrupt_main()
+            try:            # a worker that failed with a message can exit before the queue's
+                failure.append(errors.get(timeout=2.0))   # feeder thread delivered it
+            except queue.Empty:
+                failure.append(f"writer worker {dead[0].pid} died (exit code {dead[0].exitcode})")
+        # a real SIGINT, not _thread.interrupt_main(): that one only sets a flag, and a main
+        # thread blocked in a lock or queue wait inside FFCV's writer never sees it (a CI run
+        # hung here for 180 s); a signal interrupts the wait and raises KeyboardInterrupt there
+        os.kill(os.getpid(), signal.SIGINT)
         return
 
 
