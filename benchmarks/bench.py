@@ -77,8 +77,10 @@ def plain_rate(batch: int, steps: int) -> float:
     return timed(lambda: plain.step(model, opt, images), batch, steps)
 
 
-def bare_rate(batch: int, steps: int, preset: str, overrides: list[str]) -> float:
-    cfg = load_config("mae", preset, overrides=overrides)
+def bare_step(batch: int, preset: str):
+    """One step of the project's MAE method with torch's default AdamW on a fixed batch (no
+    loader, no DeepSpeed): a closure."""
+    cfg = load_config("mae", preset)
     torch.manual_seed(0)
     method = build_method(cfg.model, cfg.method)
     opt = torch.optim.AdamW(method.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -89,7 +91,11 @@ def bare_rate(batch: int, steps: int, preset: str, overrides: list[str]) -> floa
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return timed(step, batch, steps)
+    return step
+
+
+def bare_rate(batch: int, steps: int, preset: str) -> float:
+    return timed(bare_step(batch, preset), batch, steps)
 
 
 def pipeline_subprocess(preset: str, setting: str, steps: int, log_every: int) -> float:
@@ -146,17 +152,7 @@ def matmul_share(batch: int, preset: str) -> dict[str, float]:
     (mm, addmm, bmm) and in attention, and the matmuls' achieved GFLOP/s -- what bounds any
     speed-up that leaves the arithmetic as it is."""
     from torch.profiler import profile
-    cfg = load_config("mae", preset)
-    torch.manual_seed(0)
-    method = build_method(cfg.model, cfg.method)
-    opt = torch.optim.AdamW(method.parameters(), lr=1.5e-4, fused=True)
-    data = {"image": torch.randn(batch, 3, method.input_size, method.input_size)}
-
-    def step() -> None:
-        loss = method(data)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = bare_step(batch, preset)
     step()
     with profile(with_flops=True) as prof:
         for _ in range(3):
@@ -220,7 +216,7 @@ def main() -> int:
     rates: dict[str, list[float]] = {}
     for r in range(args.rounds):
         rates.setdefault("plain", []).append(plain_rate(args.batch, args.steps))
-        rates.setdefault("bare", []).append(bare_rate(args.batch, args.steps, args.preset, []))
+        rates.setdefault("bare", []).append(bare_rate(args.batch, args.steps, args.preset))
         for s in settings:
             rates.setdefault(f"pipeline[{s or 'default'}]", []).append(
                 pipeline_subprocess(args.preset, s, args.pipeline_steps, args.log_every))
