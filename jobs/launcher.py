@@ -217,6 +217,8 @@ class Launcher:
             job = jobs[spec.name] = self.submit(spec)
             self.write_index(plan, jobs)
             on_start(spec, job)
+            while not job.done():         # submitit's own wait looks once a second
+                time.sleep(0.1)
             try:
                 job.results()             # every task's result; raises if one failed
                 status[spec.name] = "ok"

@@ -55,7 +55,11 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=2 RealMemory=8000 State=UNKNOWN
+# 4 CPUs per pretend node on a 2-core machine (config_overrides: slurmd accepts more CPUs than
+# it counts): jobs spend much of their life waiting (start-up, a requeue, a rendezvous), so
+# letting 4 run side by side keeps the cores busy
+SlurmdParameters=config_overrides
+NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=4 RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
   mkdir -p /etc/slurm

@@ -64,7 +64,7 @@ def wait_all(ids: dict[str, str], timeout: float) -> dict[str, str]:
         for name, job in ids.items():
             if name not in final and (state := scontrol(job)["JobState"]) in TERMINAL:
                 final[name] = state
-        time.sleep(3)
+        time.sleep(1)
     return final
 
 

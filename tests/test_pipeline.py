@@ -93,7 +93,7 @@ def wait_for(ids: dict[str, str], timeout: float = 600) -> dict[str, str]:
         if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for s in states.values()) \
                 or time.time() > deadline:
             return states
-        time.sleep(3)
+        time.sleep(1)
 
 
 def test_slurm_all_five_evaluations_chained_and_one_failure_stops_no_other(tmp_path, slurm_cluster, data_root):

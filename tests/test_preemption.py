@@ -85,8 +85,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_usr2_requeue_and_sigkill_each_resume_to_the_uninterrupted_weights(tmp_path, slurm_cluster, data_root):
     cases = ("none", "usr2", "requeue", "kill", "kill_one")
-    # two jobs at a time fit the two pretend nodes; each waits ~12 s in the queue after a requeue
-    with ThreadPoolExecutor(2) as pool:
+    # all at once: four 2-node jobs fit the pretend nodes (4 CPUs each), the fifth queues; each
+    # waits ~12 s in the queue after a requeue, while the others run
+    with ThreadPoolExecutor(len(cases)) as pool:
         futures = {how: pool.submit(run_case, how, tmp_path / how, data_root) for how in cases}
         results = {how: f.result() for how, f in futures.items()}
     reference = weights(results["none"]["run_dir"])

@@ -32,19 +32,29 @@ import threading
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+import numba.typed
 import numpy as np
 import torch
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.pipeline_spec import PipelineSpec
-from ffcv.reader import Reader
-from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
-from ffcv.writer import chunks as ffcv_chunks
+
+# ffcv/fields/rgb_image.py keeps a two-entry table ({"jpg": 0, "raw": 1}) in an untyped numba
+# Dict built at import, and reads it only from Python; numba compiles the typed dict's methods
+# for it, 2.5-4 s in every process that imports ffcv (each rank of each job). A plain dict does
+# the same job, so it stands in for numba's Dict during the import only.
+_numba_dict, numba.typed.Dict = numba.typed.Dict, dict
+try:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.libffcv import imdecode, resize_crop
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.pipeline_spec import PipelineSpec
+    from ffcv.reader import Reader
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+    from ffcv.writer import DatasetWriter, worker_job_indexed_dataset
+    from ffcv.writer import chunks as ffcv_chunks
+finally:
+    numba.typed.Dict = _numba_dict
 from numba import objmode
 from numba.core.errors import NumbaWarning
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +73,27 @@ def ds_config(train_cfg, world_size: int) -> dict[str, Any]:
     }
 
 
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer with ``torch.compile`` standing aside.
+
+    With ZeRO on, ``deepspeed.initialize`` imports its Muon module (to check whether the optimizer
+    is one), and that module wraps three kernels in ``torch.compile`` at import, which loads
+    inductor: ~2.5 s of CPU in every rank of every start of every job. We never train with Muon,
+    so its kernels may stay eager; ours (``train.compile``) are compiled later, as usual."""
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = lambda fn=None, **_: fn if fn is not None else (lambda f: f)
+    try:
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        torch.compile = compile_
+
+
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, precision, accumulation, clipping).
     ``engine(batch)`` runs the forward under bf16 autocast when ``precision`` is bf16."""
+    import_muon_uncompiled()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=ds_config(train_cfg, world_size))
     return engine
