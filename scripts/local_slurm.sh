@@ -2,7 +2,7 @@
 # A real SLURM cluster on this one machine: munge + slurmctld + N pretend nodes (slurmd -N).
 # Used by the test suite and for trying jobs/submit.py --cluster slurm without a cluster.
 #
-#   scripts/local_slurm.sh start [NODES]   # default 2 nodes, idle when this returns
+#   scripts/local_slurm.sh start [NODES] [CPUS]   # default 2 nodes of 2 CPUs, idle when this returns
 #   scripts/local_slurm.sh stop
 #   scripts/local_slurm.sh status
 #
@@ -14,6 +14,7 @@ STATE=${HPC_MIM_SLURM_DIR:-/tmp/hpc_mim_slurm}
 CONF=$STATE/slurm.conf
 cmd=${1:-status}
 NODES=${2:-2}
+CPUS=${3:-2}
 HOST=$(hostname -s)
 
 die() { echo "local_slurm: $*" >&2; exit 1; }
@@ -55,11 +56,11 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/log/jobcomp.txt
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# 4 CPUs per pretend node on a 2-core machine (config_overrides: slurmd accepts more CPUs than
-# it counts): jobs spend much of their life waiting (start-up, a requeue, a rendezvous), so
-# letting 4 run side by side keeps the cores busy
+# CPUs per pretend node: 2 by default (one 2-CPU job per node: figures stay clean); the tests
+# ask for 4 on a 2-core machine (config_overrides: slurmd accepts more CPUs than it counts),
+# since their 1-CPU jobs spend much of their life waiting (start-up, a requeue, a rendezvous)
 SlurmdParameters=config_overrides
-NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=4 RealMemory=8000 State=UNKNOWN
+NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
   mkdir -p /etc/slurm
@@ -105,5 +106,5 @@ case $cmd in
     ;;
   stop) stop; echo "local_slurm: stopped" ;;
   status) sinfo -N; squeue ;;
-  *) die "usage: $0 start [NODES] | stop | status" ;;
+  *) die "usage: $0 start [NODES] [CPUS] | stop | status" ;;
 esac

@@ -30,9 +30,10 @@ def data_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """Two pretend nodes on this machine, started by the project's own script."""
+    """Two pretend nodes of 4 CPUs each on this machine, started by the project's own script
+    (the tests' jobs take 1 CPU; four side by side overlap their waits)."""
     script = REPO / "scripts" / "local_slurm.sh"
-    subprocess.run(["bash", str(script), "start", "2"], check=True, timeout=120)
+    subprocess.run(["bash", str(script), "start", "2", "4"], check=True, timeout=120)
     yield
     subprocess.run(["bash", str(script), "stop"], check=False, timeout=120)
 

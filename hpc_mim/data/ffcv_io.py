@@ -22,19 +22,17 @@ Set ``HPC_MIM_FFCV_JIT=0`` to skip numba compilation (10-20 s per loader; useful
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import multiprocessing
 import os
 import queue
-import signal
-import threading
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import numba.typed
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # ffcv/fields/rgb_image.py keeps a two-entry table ({"jpg": 0, "raw": 1}) in an untyped numba
 # Dict built at import, and reads it only from Python; numba compiles the typed dict's methods
@@ -47,6 +45,7 @@ try:
     from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader, OrderOption
+    from ffcv.memory_allocator import MemoryAllocator
     from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.pipeline_spec import PipelineSpec
     from ffcv.reader import Reader
@@ -195,7 +194,7 @@ class SkippableOrder:
 # ------------------------------------------------------------------ writing
 # FFCV's DatasetWriter waits forever when one of its workers dies (an exception such as "Tried
 # allocating N but page size is P", or the OOM killer): write_beton runs FFCV's own worker under
-# a guard that reports the failing sample, and a watcher that interrupts the wait.
+# a guard that reports the failing sample, and waits for the workers watching them.
 
 MIN_PAGE = 1 << 21                    # 2 MiB: small pages keep tiny datasets small
 
@@ -249,27 +248,64 @@ def _guarded_worker(errors, *args) -> None:
         raise
 
 
-def _watch(errors, done: threading.Event, failure: list[str]) -> None:
-    """Until ``done``: on a worker's error message, or a worker killed without one (OOM
-    killer), record why and interrupt the main thread's wait."""
-    workers: set = set()
-    while not done.is_set():
-        workers.update(multiprocessing.active_children())
-        try:
-            failure.append(errors.get(timeout=0.2))
+def _failure(errors, workers: list) -> str | None:
+    """Why the write failed: a worker's message, or a worker killed without one (OOM killer)."""
+    try:
+        return errors.get_nowait()
+    except queue.Empty:
+        dead = [w for w in workers if w.exitcode not in (None, 0)]
+        if not dead:
+            return None
+        try:            # a worker that failed with a message can exit before the queue's
+            return errors.get(timeout=2.0)           # feeder thread delivered it
         except queue.Empty:
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if not dead:
-                continue
-            try:            # a worker that failed with a message can exit before the queue's
-                failure.append(errors.get(timeout=2.0))   # feeder thread delivered it
-            except queue.Empty:
-                failure.append(f"writer worker {dead[0].pid} died (exit code {dead[0].exitcode})")
-        # a real SIGINT, not _thread.interrupt_main(): that one only sets a flag, and a main
-        # thread blocked in a lock or queue wait inside FFCV's writer never sees it (a CI run
-        # hung here for 180 s); a signal interrupts the wait and raises KeyboardInterrupt there
-        os.kill(os.getpid(), signal.SIGINT)
-        return
+            return f"writer worker {dead[0].pid} died (exit code {dead[0].exitcode})"
+
+
+def _write_samples(writer: DatasetWriter, dataset: Any) -> None:
+    """What FFCV's ``DatasetWriter._write_common`` does (workers write chunks of samples into
+    their pages; the parent then writes the allocation table), except that the parent's wait
+    looks at the workers every 0.1 s and raises ``BetonWriteError`` as soon as one failed:
+    FFCV's own wait has no way out, and interrupting it from another thread (a signal, or
+    ``_thread.interrupt_main``) left CI runs hung now and then."""
+    work = list(enumerate(range(len(dataset))))          # (destination, source) as FFCV's own
+    writer.num_samples = len(work)
+    writer.prepare()
+    todo, allocations, errors = multiprocessing.Queue(), multiprocessing.Queue(), multiprocessing.Queue()
+    for chunk in ffcv_chunks(work, 256):
+        todo.put(chunk)
+    for _ in range(writer.num_workers):
+        todo.put(None)                                   # one "no more work" per worker
+    written = multiprocessing.Value("Q", 0)
+    allocator = MemoryAllocator(writer.fname, writer.data_region_start, writer.page_size)
+    args = (errors, todo, writer.metadata_sm, writer.metadata_type, writer.fields, allocator,
+            written, allocations, dataset)
+    workers = [multiprocessing.Process(target=_guarded_worker, args=args) for _ in range(writer.num_workers)]
+    for w in workers:
+        w.start()
+    tables: list = []
+    try:
+        with tqdm(total=len(work), desc=os.path.basename(writer.fname), mininterval=5) as progress:
+            while len(tables) < len(workers):            # each worker's table comes last
+                if (failure := _failure(errors, workers)) is not None:
+                    raise BetonWriteError(f"{writer.fname}: writing failed at {failure}")
+                try:
+                    tables.append(allocations.get(timeout=0.1))
+                except queue.Empty:
+                    pass
+                progress.update(written.value - progress.n)
+    except BaseException:
+        for w in workers:
+            w.kill()
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+        os.remove(writer.fname)
+        raise
+    for w in workers:
+        w.join()
+    writer.finalize([a for table in tables for a in table])
+    writer.metadata_sm.close()
+    writer.metadata_sm.unlink()
 
 
 def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode: str = "raw",
@@ -286,27 +322,7 @@ def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode
     fields = {"image": RGBImageField(write_mode=mode, max_resolution=max_resolution,
                                      jpeg_quality=jpeg_quality),
               "label": IntField()}
-    writer = DatasetWriter(path, fields, page_size=page_size, num_workers=num_workers)
-    errors = multiprocessing.Queue()
-    done, failure = threading.Event(), []
-    watcher = threading.Thread(target=_watch, args=(errors, done, failure), daemon=True)
-    watcher.start()
-    try:
-        work = list(enumerate(range(len(dataset))))      # (destination, source) as FFCV's own
-        writer._write_common(len(work), ffcv_chunks(work, 256),
-                             functools.partial(_guarded_worker, errors), (dataset,))
-    except KeyboardInterrupt:
-        if not failure:
-            raise
-        for worker in multiprocessing.active_children():
-            worker.kill()
-        writer.metadata_sm.close()
-        writer.metadata_sm.unlink()
-        os.remove(path)
-        raise BetonWriteError(f"{path}: writing failed at {failure[0]}") from None
-    finally:
-        done.set()
-        watcher.join()
+    _write_samples(DatasetWriter(path, fields, page_size=page_size, num_workers=num_workers), dataset)
 
 
 def _image_pipeline(decoder, flips: list, mean: Sequence[float], std: Sequence[float],
