@@ -30,7 +30,7 @@ bench: setup
 	$(PY) benchmarks/bench.py --out runs/bench.json $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -rs -n 2 --dist loadgroup tests
+	$(PY) -m pytest -q -rs tests
 
 # every paper recipe and evaluation protocol at its real shapes, on CPU through the local SLURM
 # cluster (~1 h on 2 cores; not part of `make test`)

@@ -38,18 +38,6 @@ def slurm_cluster():
     subprocess.run(["bash", str(script), "stop"], check=False, timeout=120)
 
 
-@pytest.hookimpl(wrapper=True)       # marks set before any plugin's hook, xdist's included
-def pytest_collection_modifyitems(items):
-    """Under ``-n 2 --dist loadgroup`` (make test), every test on the SLURM cluster runs in one
-    worker, one after another (they share the cluster: a second worker starting it would restart
-    it under the first one's jobs); the others run alongside in the second worker, on the cores
-    the cluster's jobs leave idle while they wait (~30% of their time)."""
-    for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-    return (yield)
-
-
 def submit(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run jobs/submit.py as a user would."""
     return subprocess.run([PYTHON, str(REPO / "jobs" / "submit.py"), *args], cwd=REPO,
