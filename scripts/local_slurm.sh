@@ -64,17 +64,18 @@ NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((170
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
   mkdir -p /etc/slurm
-  if [ -e /etc/slurm/slurm.conf ] && ! grep -q "hpc_mim scripts/local_slurm.sh" /etc/slurm/slurm.conf; then
+  # an empty file is no one's config (an interrupted copy leaves one)
+  if [ -s /etc/slurm/slurm.conf ] && ! grep -q "hpc_mim scripts/local_slurm.sh" /etc/slurm/slurm.conf; then
     die "/etc/slurm/slurm.conf exists and is not ours; refusing to replace it"
   fi
-  cp "$CONF" /etc/slurm/slurm.conf
+  cp "$CONF" /etc/slurm/slurm.conf.hpc_mim && mv /etc/slurm/slurm.conf.hpc_mim /etc/slurm/slurm.conf
 }
 
 start_munge() {
   if ! pgrep -x munged >/dev/null; then
     mkdir -p /run/munge && chown munge:munge /run/munge
     [ -f /etc/munge/munge.key ] || die "no /etc/munge/munge.key (is munge installed?)"
-    runuser -u munge -- /usr/sbin/munged
+    runuser -u munge -- /usr/sbin/munged 9>&-
   fi
 }
 
@@ -85,6 +86,11 @@ stop() {
   for _ in $(seq 50); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.2; done
 }
 
+# one start or stop at a time: two at once would kill each other's daemons
+mkdir -p "$STATE"
+exec 9>"$STATE/lock"
+flock -w 180 9 || die "another local_slurm.sh held $STATE/lock for 180 s"
+
 case $cmd in
   start)
     [ "$(id -u)" = 0 ] || die "needs root"
@@ -93,8 +99,9 @@ case $cmd in
     rm -rf "$STATE/state" "$STATE"/spool-*
     write_conf
     start_munge
-    slurmctld -i -f "$CONF"
-    for i in $(seq 1 "$NODES"); do slurmd -N "node$i" -f "$CONF"; done
+    # the daemons must not inherit the lock (fd 9)
+    slurmctld -i -f "$CONF" 9>&-
+    for i in $(seq 1 "$NODES"); do slurmd -N "node$i" -f "$CONF" 9>&-; done
     for _ in $(seq 150); do
       idle=$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l)
       [ "$idle" -ge "$NODES" ] && { echo "local_slurm: $NODES nodes idle ($CONF)"; exit 0; }

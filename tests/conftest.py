@@ -33,7 +33,10 @@ def slurm_cluster():
     """Two pretend nodes of 4 CPUs each on this machine, started by the project's own script
     (the tests' jobs take 1 CPU; four side by side overlap their waits)."""
     script = REPO / "scripts" / "local_slurm.sh"
-    subprocess.run(["bash", str(script), "start", "2", "4"], check=True, timeout=120)
+    started = subprocess.run(["bash", str(script), "start", "2", "4"], capture_output=True, text=True,
+                             timeout=240)
+    if started.returncode != 0:
+        pytest.fail(f"scripts/local_slurm.sh start 2 4 failed:\n{started.stdout}{started.stderr}", pytrace=False)
     yield
     subprocess.run(["bash", str(script), "stop"], check=False, timeout=120)
 

@@ -50,28 +50,45 @@ def check_mlflow(run_dir, evals=("knn", "linear_probe"), method="mae"):
     return by_name
 
 
+@pytest.fixture(scope="module")
+def five_pipelines(tmp_path_factory, slurm_cluster, data_root) -> dict[str, dict]:
+    """Every method's pipeline submitted at once (they are independent; four 2-node
+    pre-trainings fit the pretend nodes side by side), each with what SLURM showed right after
+    its submission, then waited for together. method -> ids, run_dir, submitted, states."""
+    root = tmp_path_factory.mktemp("pipelines")
+    runs: dict[str, dict] = {}
+    for method in sorted(REGISTRY):
+        r = submit("--method", method, "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
+                   "--set", f"data.root={data_root}", "--set", f"runs_root={root / method}",
+                   "--set", "name=e2e")
+        ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
+        shown = {name: scontrol(job) for name, job in ids.items()} if r.returncode == 0 else {}
+        runs[method] = {"submit": r, "ids": ids, "shown": shown, "run_dir": root / method / "e2e"}
+    for run in runs.values():
+        run["states"] = wait_for(run["ids"]) if run["ids"] else {}
+    return runs
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
-def test_slurm_two_nodes_zero2_then_chained_evals(tmp_path, slurm_cluster, data_root, method):
-    r = submit("--method", method, "--preset", "smoke", "--nodes", "2", "--cluster", "slurm",
-               "--set", f"data.root={data_root}", "--set", f"runs_root={tmp_path}", "--set", "name=e2e")
-    assert r.returncode == 0, r.stderr
-    ids = dict(re.findall(r"queued (\w+)\s+job (\d+)", r.stdout))
+def test_slurm_two_nodes_zero2_then_chained_evals(five_pipelines, method):
+    run = five_pipelines[method]
+    assert run["submit"].returncode == 0, run["submit"].stderr
+    ids, shown = run["ids"], run["shown"]
     assert set(ids) == {"pretrain", "knn", "linear_probe"}
     pre = ids["pretrain"]
-    # the evaluations wait on pre-training in the scheduler itself
+    # the evaluations waited on pre-training in the scheduler itself (as shown at submission)
     for name in ("knn", "linear_probe"):
-        info = scontrol(ids[name])
+        info = shown[name]
         assert info["Dependency"].startswith(f"afterok:{pre}"), info["Dependency"]
         assert info["JobState"] in ("PENDING", "COMPLETED", "RUNNING")
-        if scontrol(pre)["JobState"] in ("PENDING", "RUNNING"):
+        if shown["pretrain"]["JobState"] in ("PENDING", "RUNNING"):
             assert info["JobState"] == "PENDING" and info["Reason"] == "Dependency"
-    pre_info = scontrol(pre)
+    pre_info = shown["pretrain"]
     assert pre_info["NumNodes"].split("-")[0] == "2" and pre_info["NumTasks"] == "2"  # "2-2" while pending
 
-    states = wait_for(ids)
-    run_dir = tmp_path / "e2e"
+    run_dir = run["run_dir"]
     logs = "\n".join(p.read_text() for p in (run_dir / "jobs").rglob("*_log.*"))
-    assert states == {"pretrain": "COMPLETED", "knn": "COMPLETED", "linear_probe": "COMPLETED"}, logs[-4000:]
+    assert run["states"] == {"pretrain": "COMPLETED", "knn": "COMPLETED", "linear_probe": "COMPLETED"}, logs[-4000:]
     # evaluations started only after pre-training ended
     starts = {n: scontrol(i)["StartTime"] for n, i in ids.items()}
     assert starts["knn"] >= scontrol(pre)["EndTime"] and starts["linear_probe"] >= scontrol(pre)["EndTime"]

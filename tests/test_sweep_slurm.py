@@ -43,8 +43,11 @@ def wait_until(predicate, what: str, timeout: float) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def squeue_empty() -> bool:
-    return subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+def sweep_left_the_queue() -> bool:
+    """No job of this sweep (its array jobs are named ``acc-<job>``) is queued or running; an
+    earlier test's leftovers (a failed test's never-satisfiable job) are not this sweep's."""
+    names = subprocess.run(["squeue", "-h", "-o", "%j"], capture_output=True, text=True).stdout.split()
+    return not any(n.startswith("acc-") for n in names)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def sweep(tmp_path_factory, slurm_cluster, data_root):
     status = submit("--status", str(sweep_dir))
     starts_before = {c: (sweep_dir / c / "logs" / "starts.log").read_text() for c in record["cells"]}
     resume = submit("--resume", str(sweep_dir))
-    wait_until(squeue_empty, "the resumed cell", 600)
+    wait_until(sweep_left_the_queue, "the resumed cell", 600)
     again = submit("--resume", str(sweep_dir))
     html, md = sweep_dir / "report.html", sweep_dir / "report.md"
     report = subprocess.run([PYTHON, "-m", "evaluation.report", "--sweep", str(sweep_dir), "--html", str(html),
