@@ -52,7 +52,7 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     """Job body: export rank/world/rendezvous, call ``entry``, record how it ended (rank 0),
     with the task's wall time and peak RSS."""
     start = time.time()
-    from hpc_mim.distributed.env import DistEnv, job_port, slurm_master_addr
+    from hpc_mim.distributed.env import DistEnv, job_port, leave_process_group, slurm_master_addr
     from hpc_mim.distributed.preemption import STOP, Preempted, requeue_self
     STOP.install()
     try:
@@ -88,6 +88,7 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
             write_status(status_file, "FAILED", job_id=job_id, error=f"{type(e).__name__}: {e}"[:2000],
                          traceback=traceback.format_exc()[-4000:], **usage(start))
         raise
+    leave_process_group()
     if record:
         write_status(status_file, "COMPLETED", job_id=job_id, **usage(start))
     return result

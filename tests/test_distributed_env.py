@@ -48,3 +48,16 @@ def test_array_tasks_get_their_rendezvous_port_from_their_own_slurm_job_id(monke
     assert first != job_port("123_4") and first == port_for_job("57")
     monkeypatch.delenv("SLURM_JOB_ID")                  # a local job: the launcher's id
     assert job_port("4242") == port_for_job("4242")
+
+
+def test_a_finished_job_leaves_its_process_group_and_a_job_without_one_imports_nothing():
+    """What the launcher does after every job that returned (not at interpreter exit, where
+    the backends' threads can abort a process that did all its work)."""
+    code = ("import sys\nfrom hpc_mim.distributed.env import leave_process_group\n"
+            "leave_process_group(); print('torch.distributed' in sys.modules)\n"
+            "import torch.distributed as dist\n"
+            "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+            "print(dist.is_initialized()); leave_process_group(); print(dist.is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "True", "False"]

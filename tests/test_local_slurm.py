@@ -32,7 +32,9 @@ def test_two_starts_at_once_and_an_empty_config_leave_the_cluster_up(slurm_clust
     assert "hpc_mim scripts/local_slurm.sh" in ETC.read_text() and idle_nodes() == ["node1", "node2"]
 
     ETC.write_text("ClusterName=theirs\n")  # somebody else's config is still never replaced
-    r = start()
-    assert r.returncode == 1 and "is not ours; refusing to replace it" in r.stderr
-    ETC.unlink()
-    assert start().returncode == 0 and idle_nodes() == ["node1", "node2"]
+    try:
+        r = start()
+        assert r.returncode == 1 and "is not ours; refusing to replace it" in r.stderr
+    finally:                                # the tests after this one need the cluster back
+        ETC.unlink()
+        assert start().returncode == 0 and idle_nodes() == ["node1", "node2"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 
 
@@ -126,3 +127,14 @@ def set_threads(env: DistEnv) -> int:
     n = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, (os.cpu_count() or 1) // env.local_world_size)
     torch.set_num_threads(n)
     return n
+
+
+def leave_process_group() -> None:
+    """Leave the process group once this task's work is done (the launcher calls it after every
+    job that returns). Left to interpreter exit, NCCL warns and may leak communicators, and the
+    backends' threads torn down during exit can abort a finished process (SIGABRT: SLURM would
+    record a job that did all its work as FAILED). Local to this rank, no collective; a job that
+    never imported torch.distributed has no group to leave (and pays no import for it)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
