@@ -10,6 +10,9 @@ later (``MLflowLogger``, ``jobs/sync.py``) -- the creation of an evaluation's ch
 job then logs under a local id (``pending-<uuid>``) until the creation is replayed, and the
 server's run id is kept next to the spool (``<local id>.run_id``) so a later replay continues
 into the same run.
+
+mlflow is imported on first use (``client``): only the processes that log pay its ~1 s import,
+rank 0 of a job; on 8 nodes x 8 GPUs the other 63 ranks never load it.
 """
 from __future__ import annotations
 
@@ -27,12 +30,15 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
 from hpc_mim.rundir import atomic_write_text  # noqa: E402
 
 MAX_PARAMS_PER_BATCH = 100
+
+
+def client(uri: str) -> Any:
+    """An ``MlflowClient`` of ``uri``."""
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(uri)
 
 
 def default_uri(runs_root: Path) -> str:
@@ -52,12 +58,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
     """Experiment id, created if needed. Call once from one process first: a new sqlite store
     created by several processes at once gets corrupted (alembic migrations race)."""
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
+    store = client(uri)
+    exp = store.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    return store.create_experiment(name, artifact_location=location)
 
 
 class MLflowLogger:
@@ -72,13 +78,13 @@ class MLflowLogger:
 
     def __init__(self, uri: str, run_id: str, flush_every: int = 200, spool: Path | None = None,
                  retry_s: float = 30.0) -> None:
-        self.client = MlflowClient(uri)
+        self.client = client(uri)
         self.uri = uri
         self.run_id = run_id
         self.flush_every = flush_every
         self.spool = Path(spool) if spool else None
         self.retry_s = retry_s
-        self._buffer: list[Metric] = []
+        self._buffer: list[list] = []            # [key, value, timestamp ms, step]
         self._last_failure = 0.0
         created = self.spool.with_suffix(".run_id") if self.spool else None
         if created is not None and created.is_file():    # a pending run created by an earlier replay
@@ -94,7 +100,7 @@ class MLflowLogger:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         try:
-            run = MlflowClient(uri).create_run(experiment_id, run_name=name, tags=tags)
+            run = client(uri).create_run(experiment_id, run_name=name, tags=tags)
         except Exception as e:  # noqa: BLE001 - any failure to reach the store
             if spool_dir is None:
                 raise
@@ -113,14 +119,14 @@ class MLflowLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._buffer += [[k, float(v), now, step] for k, v in metrics.items()]
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         while self._buffer:
             batch, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            self._call({"op": "metrics", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in batch]})
+            self._call({"op": "metrics", "metrics": batch})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -144,6 +150,7 @@ class MLflowLogger:
 
     # ---------------------------------------------------------------- delivery
     def _apply(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
         kind = op["op"]
         if kind == "create":          # first line of a pending run's spool
             run = self.client.create_run(op["experiment_id"], run_name=op["name"], tags=op["tags"])
@@ -223,11 +230,11 @@ class MLflowLogger:
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, int, float]]:
     """Every logged point of metric ``key`` as (step, timestamp ms, value)."""
-    return [(m.step, m.timestamp, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+    return [(m.step, m.timestamp, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
 
 def fetch_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Any]:
     """The parent run and its children (for reports and tests)."""
-    client = MlflowClient(uri)
-    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return [client.get_run(parent_run_id), *children]
+    store = client(uri)
+    children = store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return [store.get_run(parent_run_id), *children]

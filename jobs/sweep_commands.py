@@ -163,6 +163,10 @@ def cell_states(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
+def finished(rows: dict[str, dict[str, Any]]) -> bool:
+    return bool(rows) and all(r["state"] == "COMPLETED" for r in rows.values())
+
+
 def is_alive(row: dict[str, Any]) -> bool:
     """Still queued or running by the scheduler's account (not a job that can never start)."""
     if row["state"] == "NEVER STARTS" or row["job_id"] in ("-", None):
@@ -203,10 +207,13 @@ def resume_sweep(name: str, cluster: str) -> int:
     for cid, cell in record["cells"].items():
         run_dir = Path(cell["run_dir"])
         rows = {r["job"]: r for r in cell_states(run_dir)}
-        if rows and all(r["state"] == "COMPLETED" for r in rows.values()):
-            continue
-        if any(is_alive(r) for r in rows.values()):
+        if not finished(rows) and any(is_alive(r) for r in rows.values()):
             print(f"{cid}: still queued or running, left alone")
+            continue
+        # read again: a job that ended between the first read and the scheduler's answer had
+        # written its record (COMPLETED) before it exited, and must not run again
+        rows = {r["job"]: r for r in cell_states(run_dir)}
+        if finished(rows):
             continue
         cfg = read_config(run_dir / "config.yaml")
         todo = [s for s in build_plan(cfg, str(run_dir))

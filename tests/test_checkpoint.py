@@ -83,7 +83,7 @@ def test_crash_during_write_keeps_previous_latest(tmp_path):
 
 def test_pretrain_resumes_from_latest_checkpoint(tmp_path, data_root):
     """Real DeepSpeed (ZeRO-2, one process): stop after 6 steps, then continue to 12."""
-    from hpc_mim.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
     run, uri, run_id = make_run(tmp_path, [f"data.root={data_root}", "train.max_steps=6",
                                            "checkpoint.every_steps=4", "train.epochs=3"])
@@ -179,7 +179,7 @@ def reference(tmp_path_factory, data_root):
 def test_stop_signal_checkpoints_and_resume_is_bit_identical(tmp_path, data_root, reference, sig):
     """Stopped by a scheduler signal mid-epoch, run again: the same final weights, bit for bit,
     as an uninterrupted run, and one MLflow run with every step logged exactly once."""
-    from hpc_mim.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
     ref = reference
     run, uri, run_id = make_run(tmp_path / "cut", [f"data.root={data_root}", *EXACT])

@@ -75,11 +75,9 @@ def final_weights(run_dir: Path, label: str) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(folder, (folder / "latest").read_text())
 
 
-def test_requeued_finetune_and_segmentation_resume_to_the_uninterrupted_result(tmp_path, slurm_cluster, data_root, monkeypatch):
-    # FFCV's decoders compiled, as in production: interpreted (the tests' speed-up elsewhere),
-    # they reseed numpy's global generator in FFCV's loader thread, the generator timm's Mixup
-    # draws from in the main thread, so fine-tuning would not even repeat itself
-    monkeypatch.setenv("HPC_MIM_FFCV_JIT", "1")
+def test_requeued_finetune_and_segmentation_resume_to_the_uninterrupted_result(tmp_path, slurm_cluster, data_root):
+    # FFCV's decoders interpreted (HPC_MIM_FFCV_JIT=0, conftest): they draw from their loader
+    # thread's own generator, not from numpy's global one, which timm's Mixup draws from
     ids, run_dir = launch(tmp_path, data_root, "cut")
     ref_ids, ref_dir = launch(tmp_path, data_root, "ref")
     with ThreadPoolExecutor(2) as pool:

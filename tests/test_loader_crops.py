@@ -27,10 +27,10 @@ def windows(img: np.ndarray, size: int, padding: int) -> list[np.ndarray]:
     return out
 
 
-def decode(path: str, size: int) -> list[np.ndarray]:
+def decode(path: str, size: int, crop: str = "pad") -> list[np.ndarray]:
     from hpc_mim.data.ffcv_io import build_loader, iterate
     loader = build_loader(path, 8, size, [0, 0, 0], [1 / 255] * 3, train=True, seed=3,
-                          crop_scale=(0.2, 1.0), num_workers=1, train_crop="pad", crop_padding=4)
+                          crop_scale=(0.2, 1.0), num_workers=1, train_crop=crop, crop_padding=4)
     images = []
     for batch in iterate(loader, epoch=0):
         images += [x.permute(1, 2, 0).round().to(torch.uint8).numpy() for x in batch["image"]]
@@ -54,15 +54,34 @@ def test_pad_crops_are_torchvision_windows_of_the_resized_image(tmp_path):
     assert len(offsets) > 4                       # windows really vary, not one fixed crop
 
 
-def test_pad_crops_are_the_same_with_numba_jit(tmp_path):
-    """The numba-compiled decoder (what real runs use) draws the very same windows."""
+def test_crops_are_the_same_with_numba_jit(tmp_path):
+    """The numba-compiled decoder (what real runs use) draws the very same windows, for LUT's
+    padded crops and for the random resized crops of every other recipe."""
     from hpc_mim.data.ffcv_io import write_beton
     path = str(tmp_path / "d.beton")
     write_beton(path, coordinate_images(16, 36, 30))            # Resize(28): 33 x 28
     code = ("import sys, numpy as np; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tests'];"
-            "from test_loader_crops import decode; np.save(sys.argv[3], np.stack(decode(sys.argv[2], 28)))")
+            "from test_loader_crops import decode; "
+            "np.save(sys.argv[3], np.stack([np.stack(decode(sys.argv[2], 28, c)) for c in ('pad', 'resized')]))")
     out = tmp_path / "jit.npy"
     env = {**os.environ, "HPC_MIM_FFCV_JIT": "1"}
     subprocess.run([sys.executable, "-c", code, str(REPO), path, str(out)], check=True, env=env,
                    timeout=300)
-    assert np.array_equal(np.load(out), np.stack(decode(path, 28)))
+    interpreted = np.stack([np.stack(decode(path, 28, c)) for c in ("pad", "resized")])
+    assert np.array_equal(np.load(out), interpreted)
+    assert len({img.tobytes() for img in interpreted[1]}) == 16       # resized crops vary
+
+
+def test_interpreted_decoders_leave_the_training_threads_generator_alone(tmp_path):
+    """Decoded in FFCV's loader thread as Python (HPC_MIM_FFCV_JIT=0, as in the tests), the
+    per-sample reseeding must not touch numpy's global generator, which the training thread
+    draws from (timm's Mixup): else a run would not repeat itself, let alone after a resume."""
+    from hpc_mim.data.ffcv_io import write_beton
+    path = str(tmp_path / "d.beton")
+    write_beton(path, coordinate_images(16, 36, 30))
+    np.random.seed(7)
+    expected = np.random.rand(4)
+    np.random.seed(7)
+    for crop in ("pad", "resized"):
+        decode(path, 28, crop)
+    assert np.array_equal(np.random.rand(4), expected)

@@ -18,7 +18,10 @@ Python (``objmode``), so a new epoch needs no recompilation.
 
 Pitfall (libffcv/ffcv#396): on CPU, putting NormalizeImage after ToTensor/ToTorchImage makes the
 loader spin forever in ``Graph.group_operations``, so every JIT op stays before ``ToTensor``.
-Set ``HPC_MIM_FFCV_JIT=0`` to skip numba compilation (10-20 s per loader; useful in tests).
+Set ``HPC_MIM_FFCV_JIT=0`` to skip numba compilation (10-20 s per loader; useful in tests). The
+decoders then run as Python in FFCV's loader thread, and draw from a generator of that thread's
+own (``rng``): reseeding NumPy's global one there would also reseed the one the training thread
+draws from (timm's Mixup), so a run would not even repeat itself.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import itertools
 import multiprocessing
 import os
 import queue
+import threading
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,7 +46,7 @@ _numba_dict, numba.typed.Dict = numba.typed.Dict, dict
 try:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
-    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder, get_random_crop
+    from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.loader import Loader, OrderOption
     from ffcv.memory_allocator import MemoryAllocator
@@ -59,8 +63,34 @@ from numba.core.errors import NumbaWarning
 
 from hpc_mim.data.views import check_views, finish_view
 
+
+
+class ThreadRandom(threading.local):
+    """The few ``np.random`` functions the decoders use, on a legacy generator of the calling
+    thread's own: what numba gives each thread when the decoders are compiled, so the draws
+    are the same either way (MT19937, same seeding)."""
+
+    def __init__(self) -> None:
+        self.state = np.random.RandomState()
+
+    def seed(self, seed: int) -> None:
+        self.state.seed(seed)
+
+    def rand(self) -> float:
+        return self.state.random_sample()
+
+    def uniform(self, low: float, high: float) -> float:
+        return self.state.uniform(low, high)
+
+    def randint(self, low: int, high: int) -> int:
+        return self.state.randint(low, high)
+
+
 if os.environ.get("HPC_MIM_FFCV_JIT", "1") == "0":
     Compiler.set_enabled(False)
+    rng: Any = ThreadRandom()
+else:
+    rng = np.random                   # numba keeps one generator per thread
 
 
 # ------------------------------------------------------------------ seeded crops, resumable order
@@ -90,20 +120,41 @@ def sample_seed(seed: int, epoch: int, stream: int, index: int) -> int:
 
 def pad_crop_window(height: int, width: int, size: int, padding: int):
     """torchvision's Resize(size) (short side to ``size``, the long one truncated) then
-    RandomCrop(size, padding, padding_mode="reflect"), drawn from np.random: (resized h, w,
+    RandomCrop(size, padding, padding_mode="reflect"), drawn from ``rng``: (resized h, w,
     rows, cols), rows/cols (size,) indexing the resized image, reflected at its borders (the
     edge pixel is not repeated: -1 -> 1, n -> n - 2). Numba-compilable."""
     if height <= width:
         rh, rw = size, max(size, int(size * width / height))
     else:
         rh, rw = max(size, int(size * height / width)), size
-    top = np.random.randint(0, rh + 2 * padding - size + 1)
-    left = np.random.randint(0, rw + 2 * padding - size + 1)
+    top = rng.randint(0, rh + 2 * padding - size + 1)
+    left = rng.randint(0, rw + 2 * padding - size + 1)
     rows = np.abs(np.arange(size) + top - padding)
     cols = np.abs(np.arange(size) + left - padding)
     rows = np.where(rows >= rh, 2 * (rh - 1) - rows, rows)
     cols = np.where(cols >= rw, 2 * (rw - 1) - cols, cols)
     return rh, rw, rows, cols
+
+
+def resized_crop_window(height: int, width: int, scale: np.ndarray, ratio: np.ndarray):
+    """torchvision's RandomResizedCrop window (top, left, h, w), drawn from ``rng``: up to 10
+    tries of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio`` that
+    fit the image, else the whole image clamped to ``ratio``, centred. Numba-compilable."""
+    area = height * width
+    log_low, log_high = np.log(ratio[0]), np.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = np.exp(rng.uniform(log_low, log_high))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h + 1), rng.randint(0, width - w + 1), h, w
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = int(round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        w = int(round(height * ratio[1]))
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
@@ -129,14 +180,14 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 
     @property
     def get_crop_generator(self) -> Callable:
-        return get_random_crop
+        return resized_crop_window
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c, resize_crop_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
-        get_crop_c, mix = Compiler.compile(get_random_crop), Compiler.compile(_mix)
+        get_crop_c, mix = Compiler.compile(resized_crop_window), Compiler.compile(_mix)
         pad_window_c = Compiler.compile(pad_crop_window)
         scale, ratio, flip, token, stream = self.scale, self.ratio, self.flip, self.token, self.stream
         pad, padding, size = self.pad, self.padding, self.output_size[0]
@@ -149,7 +200,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
             key = mix(mix(base, epoch), stream)
             for k in my_range(len(batch_indices)):
                 source_ix = batch_indices[k]
-                np.random.seed(mix(key, np.int64(source_ix)))    # this thread, this sample
+                rng.seed(mix(key, np.int64(source_ix)))    # this thread, this sample
                 field = metadata[source_ix]
                 data = mem_read(field["data_ptr"], storage_state)
                 height, width = np.uint32(field["height"]), np.uint32(field["width"])
@@ -167,7 +218,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                 else:
                     i, j, h, w = get_crop_c(height, width, scale, ratio)
                     resize_crop_c(image, i, i + h, j, j + w, destination[k])
-                if flip and np.random.rand() < 0.5:
+                if flip and rng.rand() < 0.5:
                     destination[k] = destination[k][:, ::-1].copy()
             return destination[:len(batch_indices)]
 

@@ -21,12 +21,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hpc_mim.distributed.env import DistEnv
+
+
+def import_deepspeed_without_mlflow() -> Any:
+    """``import deepspeed`` with mlflow standing aside.
+
+    DeepSpeed's autotuner, imported with the package, imports mlflow in case it is asked to
+    log there (~1 s of CPU in every rank of every start). We never autotune, and only rank 0
+    logs, through hpc_mim/tracking.py, which imports mlflow when it first needs it."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return importlib.import_module("deepspeed")
+    sys.modules["mlflow"] = None          # `import mlflow` raises ImportError, which it catches
+    try:
+        return importlib.import_module("deepspeed")
+    finally:
+        del sys.modules["mlflow"]
+
+
+deepspeed = import_deepspeed_without_mlflow()
 
 
 def init_distributed(env: DistEnv, device: torch.device, rendezvous_timeout_s: int = 300,

@@ -14,7 +14,11 @@ import socket
 import time
 
 from hpc_mim.config import read_config
+from hpc_mim.distributed.env import detect
+from hpc_mim.distributed.preemption import STOP, Preempted
 from hpc_mim.rundir import RunDir
+from hpc_mim.tracking import MLflowLogger
+from hpc_mim.train.trainer import Trainer
 
 
 def count_start(run: RunDir) -> int:
@@ -29,11 +33,6 @@ def count_start(run: RunDir) -> int:
 
 
 def main(run_dir: str) -> dict[str, float]:
-    from hpc_mim.distributed.env import detect
-    from hpc_mim.distributed.preemption import STOP, Preempted
-    from hpc_mim.tracking import MLflowLogger
-    from hpc_mim.train.trainer import Trainer
-
     STOP.install()            # also when started by torchrun or srun rather than our launcher
 
     run = RunDir(run_dir)
