@@ -15,7 +15,7 @@ data: setup
 	@test -f data/fmnist_scenes/coco/annotations/instances_val2017.json || \
 		$(PY) -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500
 
-# 9 min from a fresh clone on 2 AVX-512 cores, ~18.5-20 min estimated without AVX-512
+# 8.5-9 min from a fresh clone on 2 AVX-512 cores, ~14-18 min estimated without AVX-512
 # (scripts/demo.sh converts the data on first use)
 demo: setup
 	bash scripts/demo.sh $(METHOD) $(PRESET) $(ARGS)

@@ -103,7 +103,7 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
 
 @contextlib.contextmanager
 def start_up_gc() -> Iterator[None]:
-    """Importing an entry point (torch, timm, mlflow, DeepSpeed, FFCV) creates ~0.5M objects
+    """Importing an entry point (torch, timm, DeepSpeed, FFCV) creates ~0.5M objects
     that live as long as the process; the collector walks all of them at each full collection
     (8 during the import, ~1 s of CPU per task, nothing found). So: no collection during the
     import, and its objects frozen afterwards (``gc.freeze``), out of every later collection;

@@ -111,6 +111,8 @@ def test_sweep_arrays_kill_resume_and_report(sweep):
     for cell in record["cells"]:                    # the others did not run again
         starts = (sweep["dir"] / cell / "logs" / "starts.log").read_text().splitlines()
         assert len(starts) == (2 if cell == KILLED else 1), (cell, starts)
+        evaluations = list((sweep["dir"] / cell / "evals" / "state").glob("*/starts.log"))
+        assert len(evaluations) == 3 and all(len(e.read_text().splitlines()) == 1 for e in evaluations), cell
 
     # MLflow: one sweep parent, ten cell runs under it, each with its two evaluations
     tracking = record["tracking"]

@@ -64,7 +64,6 @@ from numba.core.errors import NumbaWarning
 from hpc_mim.data.views import check_views, finish_view
 
 
-
 class ThreadRandom(threading.local):
     """The few ``np.random`` functions the decoders use, on a legacy generator of the calling
     thread's own: what numba gives each thread when the decoders are compiled, so the draws
