@@ -164,6 +164,7 @@ def cell_states(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def finished(rows: dict[str, dict[str, Any]]) -> bool:
+    """Every job of the cell completed by its own record."""
     return bool(rows) and all(r["state"] == "COMPLETED" for r in rows.values())
 
 

@@ -138,7 +138,9 @@ def pad_crop_window(height: int, width: int, size: int, padding: int):
 def resized_crop_window(height: int, width: int, scale: np.ndarray, ratio: np.ndarray):
     """torchvision's RandomResizedCrop window (top, left, h, w), drawn from ``rng``: up to 10
     tries of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio`` that
-    fit the image, else the whole image clamped to ``ratio``, centred. Numba-compilable."""
+    fit the image, else the whole image clamped to ``ratio``, centred. Numba-compilable.
+    Written here because torchvision's draws from torch and FFCV's ``get_random_crop`` from
+    numpy's global generator, which the interpreted decoders must leave alone."""
     area = height * width
     log_low, log_high = np.log(ratio[0]), np.log(ratio[1])
     for _ in range(10):
