@@ -39,8 +39,10 @@ check-paper-scale: setup
 	$(PY) benchmarks/paper_scale.py --out runs/paper_scale $(ARGS)
 
 # on one GPU node: NCCL, bf16 steps and exact resume per method, the evaluations, MAE ViT-B/16
-# throughput and MFU (under 10 min; skips with a reason without CUDA)
-gpu-check: setup
+# throughput and MFU (under 10 min; skips with a reason without CUDA). Sets up the GPU profile
+# only (the Python stack and its build tools; no SLURM, no datasets, no root needed)
+gpu-check:
+	bash scripts/setup.sh --gpu-node
 	bash scripts/gpu_check.sh $(ARGS)
 
 slurm-start: setup

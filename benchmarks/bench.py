@@ -7,6 +7,13 @@ demo's time went; prints a table naming the machine (CPU model, ISA flags) and w
   loss terms, stop-signal agreement, progress lines), img/s of its log windows after the first,
   once per setting of ``--pipeline`` (config overrides, e.g. ``train.compile=true``)
 - loader: FFCV's training loader alone (seeded crops), img/s after its first epoch
+- imagenet_decode: what a GPU node needs from its CPUs: FFCV's JPEG decode + RandomResizedCrop
+  224 + flip through the project's loader (seeded crops, and FFCV's stock ones) on 2,000
+  ImageNet-sized JPEGs (~440x425, ~110 KB, quality 90, max side 500 as FFCV's ImageNet recipe),
+  in img/s (wall clock, and per CPU-second) with 1 and 2 decoding threads, and cores per GPU =
+  the MAE ViT-B/16 img/s of one GPU (``make gpu-check``'s runs/gpu_check/throughput.json, else
+  a stated assumption) / the seeded images per CPU-second with one thread
+  (benchmarks/loader_throughput.py ``imagenet_decode``)
 - the bare step's profile (share of matmuls and attention, matmul GFLOP/s), and the plain step
   with torch, MKL and oneDNN capped at AVX2 (an estimate of a machine without AVX-512)
 
@@ -15,6 +22,8 @@ step variants alternate for ``--rounds`` rounds and each reports its median, so 
 slows down mid-run affects them alike: quote the ratios.
 
     python benchmarks/bench.py --out runs/bench.json
+    python benchmarks/bench.py --imagenet-decode-only      # that section alone (~2-3 min on 2 cores),
+                                                           # merged into the existing JSON
 """
 from __future__ import annotations
 
@@ -69,6 +78,23 @@ def timed(step, batch: int, steps: int, warmup: int = 2) -> float:
     for _ in range(steps):
         step()
     return batch * steps / (time.perf_counter() - start)
+
+
+def load_loader_bench():
+    """benchmarks/loader_throughput.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("loader_throughput", REPO / "benchmarks" / "loader_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def imagenet_decode(images: int, throughput_json: Path) -> dict[str, object]:
+    """The ImageNet decode section: loader_throughput.imagenet_decode with the machine named
+    (the per-core figure is this CPU's), printed."""
+    bench = load_loader_bench()
+    result = {"machine": machine(), **bench.imagenet_decode(images, throughput_json=throughput_json)}
+    print(bench.format_imagenet_decode(result), flush=True)
+    return result
 
 
 def plain_rate(batch: int, steps: int) -> float:
@@ -198,6 +224,11 @@ def main() -> int:
     ap.add_argument("--pipeline", action="append", default=None, metavar="OVERRIDES",
                     help="a pipeline setting: comma-separated --set overrides ('' = the preset's)")
     ap.add_argument("--loader-images", type=int, default=20000)
+    ap.add_argument("--imagenet-images", type=int, default=2000, help="ImageNet-like JPEGs decoded")
+    ap.add_argument("--gpu-throughput", type=Path, default=Path("runs/gpu_check/throughput.json"),
+                    help="make gpu-check's MAE ViT-B/16 figure (else an assumption, named in the JSON)")
+    ap.add_argument("--imagenet-decode-only", action="store_true",
+                    help="run only the ImageNet decode section; update its key in --out")
     ap.add_argument("--out", type=Path, default=Path("runs/bench.json"))
     ap.add_argument("--one-pipeline", default=None, help=argparse.SUPPRESS)   # the child process
     args = ap.parse_args()
@@ -207,6 +238,13 @@ def main() -> int:
         print(pipeline_rate(args.preset, over, args.pipeline_steps, args.log_every))
         return 0
     os.chdir(REPO)                                  # data/ and runs/ are relative to the repository
+    if args.imagenet_decode_only:
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        result["imagenet_decode"] = imagenet_decode(args.imagenet_images, args.gpu_throughput)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out} (imagenet_decode)")
+        return 0
     torch.set_num_threads(os.cpu_count() or 1)
     settings = args.pipeline if args.pipeline is not None else \
         ["", "train.compile=false", "train.zero_stage=2"]
@@ -223,6 +261,7 @@ def main() -> int:
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     loader = loader_rate(args.preset, args.loader_images)
+    decode = imagenet_decode(args.imagenet_images, args.gpu_throughput)
     shares = matmul_share(args.batch, args.preset)
     isa = {"native": plain_subprocess(False, args.steps), "avx2_cap": plain_subprocess(True, args.steps)}
     stages = demo_stages()
@@ -230,6 +269,8 @@ def main() -> int:
     for k, v in median.items():
         print(f"{k:44s} {v:7.0f} {v / median['plain']:7.2f} {v / median['bare']:7.2f}")
     print(f"{'FFCV training loader alone (2nd epoch)':44s} {loader:7.0f}")
+    print(f"{'ImageNet JPEG decode + crop 224, per core':44s} {decode['img_per_cpu_s']['seeded']['1']:7.0f}"
+          f"   -> {decode['cores_per_gpu']:.1f} cores per GPU at {decode['gpu']['img_per_s']:.0f} img/s")
     print(f"\nbare eager step: {100 * shares['matmul_share']:.0f}% of the time in matmuls at "
           f"{shares['matmul_gflops']:.0f} GFLOP/s, {100 * shares['attention_share']:.0f}% in attention")
     print(f"plain step in a fresh process: {isa['native']:.0f} img/s; with torch, MKL and oneDNN capped "
@@ -242,7 +283,8 @@ def main() -> int:
     else:
         print(f"\nlast demo: {stages['note']}")
     result = {"machine": info, "preset": args.preset, "batch": args.batch, "rounds": rates,
-              "median_img_per_s": median, "loader_img_per_s": loader, "demo": stages,
+              "median_img_per_s": median, "loader_img_per_s": loader, "imagenet_decode": decode,
+              "demo": stages,
               "bare_profile": shares, "plain_isa": isa,
               "ratios": {k: {"plain": v / median["plain"], "bare": v / median["bare"]}
                          for k, v in median.items()}}

@@ -115,7 +115,9 @@ def run_method(method: str, data_root: Path, runs_root: Path) -> tuple[Path, dic
     name = f"paper-{method}-{time.strftime('%H%M%S')}"
     r = sh(sys.executable, "jobs/submit.py", "--method", method, "--cluster", "slurm", "--nodes", "2",
            "--tasks-per-node", "1", "--set", f"name={name}", "--set", f"data.root={data_root}",
-           "--set", f"runs_root={runs_root}", *[a for o in OVERRIDES for a in ("--set", o)])
+           "--set", f"runs_root={runs_root}", *[a for o in OVERRIDES for a in ("--set", o)],
+           # scripts/local_slurm.sh: both pretend nodes are this machine, the sqlite store on its disk
+           "--set", "tracking.allow_file_store=true")
     if r.returncode:
         raise SystemExit(f"submit {method} failed:\n{r.stdout}\n{r.stderr}")
     run = runs_root / name

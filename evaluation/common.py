@@ -32,7 +32,8 @@ import torch.distributed as dist
 from evaluation import baseline_cache
 from hpc_mim.config import Config, load_config, read_config
 from hpc_mim.datasets import manifest_sha256
-from hpc_mim.distributed.preemption import Preempted
+from hpc_mim.distributed.outcome import mlflow_end
+from hpc_mim.distributed.preemption import STOP
 from hpc_mim.models import build_encoder, load_encoder
 from hpc_mim.rundir import RunDir, atomic_write_text
 from hpc_mim.tracking import MLflowLogger
@@ -106,6 +107,7 @@ class EvalContext:
         """Train ``task`` through the one loop, checkpointed under the encoder's state folder
         (resumed from there after a requeue); the final evaluation's metrics + ``train_loss``."""
         name = child_name(self.label, baseline)
+        budget.stall_timeout_min = self.cfg.cluster.stall_timeout_min
         loop = TrainLoop(task, budget, self.states[baseline] / "checkpoints", self.proc,
                          self.loggers.get(baseline), self.run.logs / f"{name}.log")
         metrics = loop.fit()
@@ -178,11 +180,12 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
                     baseline_cache.store(cache, metrics, run, logger.run_id)
             tic = time.time()
     except BaseException as e:
-        # a scheduler stop (Preempted) is not a failure: the requeued job continues these runs
-        stopped = isinstance(e, Preempted)
-        for logger in loggers.values():
-            logger.set_tags({"stopped" if stopped else "error": f"{type(e).__name__}: {e}"[:5000]})
-            logger.finish("KILLED" if stopped else "FAILED")
+        # a scheduler stop or a lost peer is not a failure: the requeued job continues these runs
+        status, tag, text = mlflow_end(e)
+        with STOP.polled():         # srun's SIGTERM (another rank failed) must not cut this short
+            for logger in loggers.values():
+                logger.set_tags({tag: text})
+                logger.finish(status)
         raise
     return results
 

@@ -6,7 +6,12 @@
   turns ViT-B/16 tokens into strides 4, 8, 16, 32. A patch-4 ViT on small images keeps the same
   factors (strides 1-8), so its last block still has a spatial map rather than one pixel.
 - ``UperNetHead`` (Xiao et al. arXiv 1807.10221, mmsegmentation's UPerHead): pyramid pooling on
-  the coarsest map, top-down lateral fusion, all levels fused at the finest.
+  the coarsest map, top-down lateral fusion, all levels fused at the finest. Every BatchNorm of
+  it (the x4 rescale's included) is synchronised across ranks in training, as mmsegmentation's
+  ``norm_cfg=dict(type='SyncBN')``: at batch 16 on 8 GPUs a rank holds 2 images, so a per-rank
+  BatchNorm would normalise the pooled 1x1 PPM branch over 2 values per channel (at 16 GPUs over
+  1: it raises), and each rank would keep, and evaluate its validation shard with, its own
+  running statistics. ``SyncBatchNorm2d`` (hpc_mim/models/heads.py) also runs over gloo on CPU.
 - ``SimpleFeaturePyramid`` (ViTDet, Li et al. arXiv 2203.16527): four levels from the last block
   only, each 1x1 + 3x3 convs with LayerNorm, plus a max-pooled extra level for the RPN.
 
@@ -22,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
+
+from hpc_mim.models.heads import SyncBatchNorm2d
 
 FACTORS = (4.0, 2.0, 1.0, 0.5)
 
@@ -41,17 +48,20 @@ def rescale(dim: int, factor: float, norm: type[nn.Module]) -> nn.Module:
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    """mmcv's ConvModule with SyncBN: (B, cin, h, w) -> (B, cout, h, w); the norm's output is
+    fp32, the ReLU in place on it."""
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+                         SyncBatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class UperNetHead(nn.Module):
-    """Four ViT block maps (B, D, h, w) -> class logits (B, num_classes, h * f0, w * f0)."""
+    """Four ViT block maps (B, D, h, w) -> class logits (B, num_classes, h * f0, w * f0).
+    BatchNorms synced across ranks in training (``SyncBatchNorm2d``), plain in eval mode."""
 
     def __init__(self, dim: int, channels: int, num_classes: int, factors: Sequence[float] = FACTORS,
                  pool_scales: tuple[int, ...] = (1, 2, 3, 6)) -> None:
         super().__init__()
-        self.rescales = nn.ModuleList(rescale(dim, f, nn.BatchNorm2d) for f in factors)
+        self.rescales = nn.ModuleList(rescale(dim, f, SyncBatchNorm2d) for f in factors)
         self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(dim, channels, 1))
                                  for s in pool_scales)
         self.ppm_out = conv_bn_relu(dim + len(pool_scales) * channels, channels, 3)

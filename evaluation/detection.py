@@ -10,9 +10,21 @@ normalises and pads batches to a multiple of 32; the encoder evaluates its sin-c
 embedding on the padded grid). Training: flips, AdamW (0.9, 0.999) with layer-wise lr decay,
 linear warmup, lr x0.1 at 88.9% and 96.3% of the steps (ViTDet's schedule, timm's
 MultiStepLRScheduler). Metrics: COCO box AP / AP50 / AP75 and mask AP from
-pycocotools, every ``eval_every`` iterations and at the end (``val/box_ap`` ...: the curve).
-Trained by the one training loop (checkpoints, exact resume, NaN stop) on all of the job's
-ranks. Not reproduced: large-scale jitter and ViTDet's relative position biases.
+pycocotools, every ``eval_every`` iterations and at the end (``val/box_ap`` ...: the curve):
+each rank detects on its shard of the validation images, rank 0 gathers the results, runs
+COCOeval once and broadcasts the metrics. Trained by the one training loop (checkpoints, exact
+resume, NaN stop) on all of the job's ranks. Not reproduced: large-scale jitter and ViTDet's
+relative position biases.
+
+Precision: with ``precision: bf16`` the loop runs the forward under bf16 autocast, and only the
+backbone (ViT + simple feature pyramid) follows it; its maps are cast to fp32 and the R-CNN
+(anchors, RPN head, box coding, proposals, RoIAlign, box / mask heads, postprocessing) runs in
+fp32 with autocast off. torchvision's AnchorGenerator and BoxCoder take the feature maps' dtype,
+and bf16's 8-bit mantissa puts box coordinates on a 4-8 px grid at 512-1024 px. detectron2
+(ViTDet's code) also keeps this arithmetic in float under AMP: fp32 anchor buffers, and
+``Box2BoxTransform.apply_deltas`` casts the deltas to float. Its heads' convs and linears run in
+bf16 there; here they are fp32 too (the simplest correct split; on GPUs cuDNN convolutions use
+TF32 by default, and the heads are a small part of the compute next to the ViT).
 
     python -m evaluation.detection --run-dir runs/<name> [--dataset coco] [--set KEY=VALUE] [--baseline random_init]
 """
@@ -21,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
@@ -47,9 +60,12 @@ from hpc_mim.models.windows import evenly_spaced, vitdet_features
 
 
 class ViTDetBackbone(nn.Module):
-    """Images (B, 3, H, W) -> OrderedDict of pyramid maps (torchvision's backbone contract).
+    """Images (B, 3, H, W) -> OrderedDict of fp32 pyramid maps (torchvision's backbone contract).
     ``window`` > 0: ViTDet's windowed attention with global attention in ``global_blocks``
-    (hpc_mim/models/windows.py); 0: every block global, cls token kept, as pre-trained."""
+    (hpc_mim/models/windows.py); 0: every block global, cls token kept, as pre-trained.
+
+    ``autocast``: the (enabled, dtype) it computes under, set by ``Detector.forward`` from the
+    caller's autocast (which the detector turns off for the R-CNN around this backbone)."""
 
     def __init__(self, encoder: nn.Module, out_channels: int, factors: list[float],
                  window: int = 0, global_blocks: list[int] = ()) -> None:
@@ -57,16 +73,23 @@ class ViTDetBackbone(nn.Module):
         self.encoder, self.window, self.global_blocks = encoder, window, list(global_blocks)
         self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, out_channels, factors)
         self.out_channels = out_channels
+        self.autocast: tuple[bool, torch.dtype] = (False, torch.bfloat16)
 
-    def forward(self, x: torch.Tensor):
-        if self.window:
-            return self.pyramid(vitdet_features(self.encoder, x, self.window, self.global_blocks))
-        return self.pyramid(self.encoder.forward_intermediates(x, [self.encoder.depth - 1])[0])
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        enabled, dtype = self.autocast
+        with torch.autocast(x.device.type, dtype, enabled=enabled):
+            if self.window:
+                maps = self.pyramid(vitdet_features(self.encoder, x, self.window, self.global_blocks))
+            else:
+                maps = self.pyramid(self.encoder.forward_intermediates(x, [self.encoder.depth - 1])[0])
+        # fp32 for the R-CNN: anchors, box coding and RoIAlign take the maps' dtype
+        return OrderedDict((k, v.float()) for k, v in maps.items())
 
 
 class Detector(EncoderModel):
     """torchvision's two-stage detector on the ViTDet backbone; ``forward`` is the detector's
-    (a loss dict in training, per-image predictions in eval mode)."""
+    (a loss dict in training, per-image predictions in eval mode), fp32 outside the backbone
+    whatever the caller's autocast (see the module docstring)."""
     encoder_prefix = "rcnn.backbone.encoder."
 
     def __init__(self, encoder: nn.Module, num_classes: int, s, mean, std, masks: bool) -> None:
@@ -94,7 +117,13 @@ class Detector(EncoderModel):
             heads.mask_predictor = MaskRCNNPredictor(c, c, num_classes)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
-        return self.rcnn(images, targets)
+        # torchvision's GeneralizedRCNN calls the backbone between its transform and its RPN:
+        # autocast is off around all of it, and back on (the caller's) inside the backbone
+        device = images[0].device.type
+        self.rcnn.backbone.autocast = (torch.is_autocast_enabled(device),
+                                       torch.get_autocast_dtype(device))
+        with torch.autocast(device, enabled=False):
+            return self.rcnn(images, targets)
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
@@ -166,7 +195,11 @@ class DetectionTask(DenseTask):
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Each rank detects on its shard of the validation images (in training-sized batches:
-        a Mask R-CNN keeps ~1000 proposals per image); rank 0 scores all of them."""
+        a Mask R-CNN keeps ~1000 proposals per image); rank 0 gathers and scores all of them
+        (COCOeval once, not once per rank) and broadcasts the metrics, so every rank returns
+        the same. Over NCCL, ``gather_object`` / ``broadcast_object_list`` move the pickled
+        objects through tensors on the current CUDA device: ``training_device``
+        (hpc_mim/distributed/env.py) has set it to the rank's own GPU."""
         model.eval()
         results: list[dict[str, Any]] = []
         image_ids: list[int] = []
@@ -176,13 +209,27 @@ class DetectionTask(DenseTask):
             for target, output in zip(targets, outputs):
                 image_ids.append(int(target["image_id"]))
                 results += to_coco_results(image_ids[-1], {k: v.float().cpu() for k, v in output.items()})
-        if self.world > 1:
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, (results, image_ids))
-            results = [r for rs, _ in gathered for r in rs]
-            image_ids = [i for _, ids in gathered for i in ids]
-        return coco_metrics(self.coco, results, ["bbox", "segm"] if self.masks else ["bbox"],
-                            sorted(image_ids))
+        iou_types = ["bbox", "segm"] if self.masks else ["bbox"]
+        if self.world == 1:
+            return coco_metrics(self.coco, results, iou_types, sorted(image_ids))
+        gathered: list[Any] | None = [None] * self.world if self.rank == 0 else None
+        dist.gather_object((results, image_ids), gathered, dst=0)
+        # rank 0's metrics, or its error as text: the other ranks must not wait in the
+        # broadcast (until the collective timeout) for a rank 0 that raised
+        outcome: list[dict[str, float] | str | None] = [None]
+        error: Exception | None = None
+        if self.rank == 0:
+            try:
+                outcome[0] = coco_metrics(self.coco, [r for rs, _ in gathered for r in rs], iou_types,
+                                          sorted(i for _, ids in gathered for i in ids))
+            except Exception as e:                  # noqa: BLE001 - raised again below
+                error, outcome[0] = e, f"{type(e).__name__}: {e}"
+        dist.broadcast_object_list(outcome, src=0)
+        if error is not None:
+            raise error
+        if isinstance(outcome[0], str):
+            raise RuntimeError(f"rank 0's COCO evaluation failed: {outcome[0]}")
+        return outcome[0]
 
 
 def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:

@@ -79,10 +79,56 @@ def encoder_key(run: RunDir, cfg: Config, baseline: str) -> str:
     return f"{baseline or 'pretrained'}-{hashlib.sha256(source).hexdigest()[:12]}"
 
 
+# How long a rank waits for a cache file that rank 0 has seen to become readable here too: on
+# a shared filesystem another node may still answer from its cache of the directory (NFS
+# keeps one up to acdirmax, 60 s by default) that the file is not there.
+VISIBLE_WAIT_S = 60.0
+
+
+def agree_flags(flags: list[bool], device: torch.device, src: int | None = 0) -> list[bool]:
+    """``flags`` as every rank of the group sees them: rank ``src``'s (a broadcast), or with
+    ``src=None`` true where any rank's is (an all-reduce MAX). One int tensor on ``device``:
+    NCCL reduces only tensors on the rank's GPU."""
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    if t.numel():
+        if src is None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        else:
+            dist.broadcast(t, src=src)
+    return [bool(v) for v in t.tolist()]
+
+
+def read_cached(path: Path, wait_s: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(features, labels) of a cache file, or None: if it stays invisible from this node for
+    ``wait_s``, or cannot be read (the caller then extracts, with every rank, rather than let
+    this rank alone raise while the others wait in a collective). Files are written under a
+    temporary name and renamed into place (``os.replace``), so a file found is a whole one."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(1.0, wait_s))
+        except Exception as e:  # noqa: BLE001 - unpickling fails in many types
+            print(f"[eval] cannot read cached features {path} ({type(e).__name__}: {e}); "
+                  "extracting them again", flush=True)
+            return None
+
+
 def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling: str,
                     max_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Features of one split per encoder, on this rank's device: from the cache, or extracted
-    by every rank and written by rank 0 (atomically: a concurrent job sees all or nothing)."""
+    by every rank and written by rank 0 (atomically: a concurrent job sees all or nothing).
+
+    Every rank must take the same branch for every encoder: extraction runs collectives
+    (``gather_shards``), loading none. The kNN and linear-probe jobs of a run share the cache
+    and may run at once, so a file can appear between two ranks' looks at the directory; each
+    rank deciding for itself could then extract on one rank and load on another: unmatched
+    all-gathers, a hang until the collective timeout. So rank 0 decides what is there (a
+    complete file: see ``read_cached``), the others follow; a rank that cannot read a file rank
+    0 saw (``VISIBLE_WAIT_S``) makes every rank extract that encoder again, together."""
     run, cfg, info, proc = ctx.run, ctx.cfg, ctx.info, ctx.proc
     encoders = {b: encoder_key(run, cfg, b) for b in baselines}    # hashes encoder.pt once
 
@@ -91,24 +137,29 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
                f"{cfg.model.img_size}px-{max_samples or 'all'}")
         return run.evals / "features" / f"{key}.pt"
 
-    missing = [b for b in baselines if not path(b).is_file()]
-    dist.barrier()                  # every rank agrees on what is missing before rank 0 writes
-    out = {}
+    # rank 0's look at the cache; the broadcast also orders it before any write of rank 0's
+    cached = agree_flags([proc.env.is_main and path(b).is_file() for b in baselines], proc.device)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, there in zip(baselines, cached):
+        if there and (found := read_cached(path(b), VISIBLE_WAIT_S)) is not None:
+            out[b] = found
+    unread = agree_flags([b not in out for b in baselines], proc.device, src=None)
+    missing = [b for b, u in zip(baselines, unread) if u]
     if missing:
+        read_here = set(out)
         models = {b: encoder_for(run, cfg, b) for b in missing}
-        out = extract_features(models, info[split], cfg, info, pooling, max_samples, proc.device,
-                               proc.env.rank, proc.env.world_size)
+        out.update(extract_features(models, info[split], cfg, info, pooling, max_samples,
+                                    proc.device, proc.env.rank, proc.env.world_size))
         if proc.env.is_main:
-            for b, (f, y) in out.items():
+            for b in missing:
+                if b in read_here:           # fine here, only another node could not see it
+                    continue
+                f, y = out[b]
                 path(b).parent.mkdir(parents=True, exist_ok=True)
                 tmp = path(b).with_name(f".{path(b).name}.tmp{os.getpid()}")
                 torch.save((f.cpu(), y.cpu()), tmp)
                 os.replace(tmp, path(b))
-    for b in baselines:
-        if b not in out:
-            f, y = torch.load(path(b), weights_only=True)
-            out[b] = (f.to(proc.device), y.to(proc.device))
-    return out
+    return {b: (out[b][0].to(proc.device), out[b][1].to(proc.device)) for b in baselines}
 
 
 # compute(ctx, baseline, train_f, train_y, val_f, val_y, num_classes) -> metrics

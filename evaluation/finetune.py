@@ -90,7 +90,9 @@ class FinetuneTask(Task):
 
     def forward(self, engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """RandAugment, erasing and mixup on the device (from this rank's generator, which
-        every checkpoint saves), then the loss in fp32 (bf16 logits under autocast)."""
+        every checkpoint saves), then the loss in fp32 (bf16 logits under autocast).
+        RandAugment is torchvision's, batched (hpc_mim/data/randaugment.py): each image draws
+        its own ops and signs, with whole-batch ops and no host sync on this thread."""
         x, y = batch["image"], batch["label"]
         if self.s.randaug_ops:
             x = rand_augment(x, self.info["mean"], self.info["std"], self.s.randaug_ops,

@@ -88,7 +88,7 @@ def compute(ctx: EvalContext, baseline: str, train_f, train_y, val_f, val_y,
                      ctx.proc.env.rank, world)
     steps_per_epoch = len(train_f) // batch
     budget = Budget(batch, batch // world, epochs=lp.epochs, zero_stage=0,
-                    log_every=steps_per_epoch, checkpoint_every=10 ** 9)   # saved at epoch ends
+                    log_every=steps_per_epoch, checkpoint_every=steps_per_epoch)  # a small head: each epoch
     return ctx.fit(baseline, task, budget)
 
 

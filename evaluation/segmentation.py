@@ -3,9 +3,12 @@ ADE20K protocol in mmsegmentation; MAE arXiv 2111.06377 Sec. 5, UperNet arXiv 18
 
 Blocks [3, 5, 7, 11] of a ViT-B (proportional for other depths; ``eval.segmentation.blocks``)
 are rescaled by x4, x2, x1, x0.5 (``rescales``; strides 4-32 for ViT-B/16) and fused by
-UperNet; the finest logits are upsampled to the input. Training: random resize (0.5-2x of ``scale``), ``crop_size`` crops, flips; AdamW
-(0.9, 0.999) with layer-wise lr decay, linear warmup then poly (power 1) decay to 0 (timm's
-PolyLRScheduler), cross-entropy ignoring label 255. Inference: sliding ``crop_size`` windows
+UperNet, whose BatchNorms are synchronised across all ranks in training (mmsegmentation's
+``norm_cfg=dict(type='SyncBN')``; evaluation/dense_heads.py), so its statistics are those of the
+global batch and every rank evaluates with the same running statistics; the finest logits are
+upsampled to the input. Training: random resize (0.5-2x of ``scale``), ``crop_size`` crops,
+flips; AdamW (0.9, 0.999) with layer-wise lr decay, linear warmup then poly (power 1) decay to
+0 (timm's PolyLRScheduler), cross-entropy ignoring label 255. Inference: sliding ``crop_size`` windows
 with ``stride`` over the image resized to ``scale``, logits averaged where windows overlap, then
 resized to the label's size. Metrics: mIoU (mean over classes with a non-empty union, as
 mmsegmentation), per-class IoU, pixel accuracy, mean class accuracy; every ``eval_every``

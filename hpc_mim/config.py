@@ -146,6 +146,10 @@ class TrainConfig:
     clip_grad: float = 0.0              # 0 = no clipping
     precision: str = "fp32"             # fp32 | bf16
     zero_stage: int = 2
+    # ZeRO 1-3: reduce gradients on a side stream while the backward goes on, in buckets of this
+    # many elements (see hpc_mim/distributed/deepspeed.py::ds_config for the sizing)
+    zero_overlap_comm: bool = True
+    zero_bucket_size: int = 25_000_000
     seed: int = 0
     log_every: int = 20                 # optimizer steps between metric points
     max_steps: int = 0                  # 0 = run all epochs; > 0 stops early (smoke tests)
@@ -161,6 +165,7 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16"), "train.precision",
                f"{self.precision!r}; choose fp32 or bf16")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"{self.zero_stage}; choose 0-3")
+        _check(self.zero_bucket_size > 0, "train.zero_bucket_size", "must be > 0 (elements)")
         _check(self.blr > 0, "train.blr", "must be > 0")
         _check(self.lr_scaling in ("linear", "sqrt"), "train.lr_scaling",
                f"{self.lr_scaling!r}; choose linear or sqrt")
@@ -202,6 +207,10 @@ class TrackingConfig:
     uri: str = ""                       # "" = sqlite:///<runs_root>/mlflow.db; or http://host:port
     experiment: str = "hpc_mim"
     retry_s: float = 30.0               # while the server is unreachable: retry this often
+    # A file store (sqlite:, file:, a path, "") written from several nodes at once over NFS or
+    # Lustre gets "database is locked" and corrupted: jobs/submit.py refuses such a SLURM
+    # submission (multi-node, or a sweep) unless this is true (one machine's local disk).
+    allow_file_store: bool = False
 
     def validate(self) -> None:
         _check(self.retry_s > 0, "tracking.retry_s", "must be > 0")
@@ -220,6 +229,10 @@ class ClusterConfig:
     max_restarts: int = 20              # requeues after preemption / time limit / killed tasks
     rendezvous_timeout_s: int = 300     # all ranks must have joined by then, else a clear error
     collective_timeout_s: int = 1800    # how long a collective waits for the slowest rank
+    # no optimizer step for this long (or 10x the longest step seen) ends a training job with
+    # every rank's Python stacks in its log; requeued once, failed if it stalls there again.
+    # Below collective_timeout_s, so the stacks are written before a collective times out
+    stall_timeout_min: float = 20.0
 
     def validate(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "eval_time_min"):
@@ -227,6 +240,7 @@ class ClusterConfig:
         _check(self.max_restarts >= 0, "cluster.max_restarts", "must be >= 0")
         _check(self.rendezvous_timeout_s >= 1, "cluster.rendezvous_timeout_s", "must be >= 1")
         _check(self.collective_timeout_s >= 1, "cluster.collective_timeout_s", "must be >= 1")
+        _check(self.stall_timeout_min > 0, "cluster.stall_timeout_min", "must be > 0")
 
 
 @dataclass

@@ -76,7 +76,7 @@ class Resources:
 class Trained(Resources):
     """How a trained evaluation is logged and checkpointed by the one training loop."""
     log_every: int = 50                 # optimizer steps between loss points
-    checkpoint_every: int = 1000        # steps between checkpoints (and at each epoch's end)
+    checkpoint_every: int = 1000        # steps between checkpoints (and on a stop signal, at the end)
     eval_every: int = 0                 # steps between evaluations (the curve); 0 = at the end only
     precision: str = "bf16"             # the papers trained with AMP; bf16 = autocast, fp32 weights
     zero_stage: int = 2

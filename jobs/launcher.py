@@ -9,10 +9,14 @@ RUNNING / COMPLETED / FAILED / REQUEUED / STOPPED (with the error) in ``status_f
 ``afterok``), same-resource specs of a sweep as one job array (``aftercorr``), to local
 subprocesses, or in-process (debug).
 
-Requeueing on SLURM: after USR2 the job requeues itself once it has checkpointed; after
-SIGTERM SLURM does (``scontrol requeue``, preemption); a job whose tasks were SIGKILLed (exit
-137: OOM killer, ``kill -9``, a lost node) is requeued by its batch script. All three stop after
-``cluster.max_restarts`` restarts, so a job that is killed every time does not loop forever.
+Requeueing on SLURM: every task that ends abnormally leaves an outcome marker saying why
+(hpc_mim/distributed/outcome.py): a genuine error of the job, a stop on a scheduler signal, a
+lost peer (another rank or node died, a collective timed out) or a stall (the progress
+watchdog). Once srun has returned, the batch script's EXIT trap (jobs/after_tasks.py) reads them:
+a genuine error ends the job FAILED; SIGTERM is SLURM's to decide (``scontrol requeue``,
+preemption, ``scancel``); after SIGUSR2, a lost peer, a stall, or a task killed by a signal
+(OOM killer, ``kill -9``, a lost node, NCCL's watchdog) the job is requeued. At most
+``cluster.max_restarts`` times, so a job that is killed every time does not loop forever.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import importlib
 import json
 import os
 import re
+import shlex
 import shutil
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -55,18 +61,27 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     with the task's wall time and peak RSS."""
     start = time.time()
     from hpc_mim.distributed.env import DistEnv, job_port, leave_process_group, slurm_master_addr
-    from hpc_mim.distributed.preemption import STOP, Preempted, requeue_self
+    from hpc_mim.distributed.outcome import OUTCOME, classify
+    from hpc_mim.distributed.preemption import STOP, Preempted
     STOP.install()
     try:
         job = submitit.JobEnvironment()
     except RuntimeError:          # debug executor: this very process, one task
         job = None
-    record = status_file is not None and (job is None or job.global_rank == 0)
+    rank = job.global_rank if job is not None else 0
+    record = status_file is not None and rank == 0
     job_id = job.job_id if job is not None else "debug"
+    on_slurm = "SLURM_JOB_ID" in os.environ
     if record:
         write_status(status_file, "RUNNING", job_id=job_id, host=os.uname().nodename)
+
+    def status(state: str, error: str, **fields: Any) -> None:
+        if status_file is not None:
+            write_status(status_file, state, job_id=job_id, rank=rank, error=error[:2000],
+                         **fields, **usage(start))
+    OUTCOME.configure(outcomes_folder(status_file), os.environ.get("SLURM_JOB_ID", job_id),
+                      int(os.environ.get("SLURM_RESTART_COUNT", "0")), rank, status)
     if job is not None and job.num_tasks > 1:
-        on_slurm = "SLURM_JOB_ID" in os.environ
         DistEnv(rank=job.global_rank, world_size=job.num_tasks, local_rank=job.local_rank,
                 local_world_size=job.num_tasks // max(1, job.num_nodes),
                 master_addr=slurm_master_addr() if on_slurm else "127.0.0.1",
@@ -77,20 +92,34 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
             function = getattr(importlib.import_module(module), func)
         result = function(**kwargs)
     except Preempted as e:
-        # USR2: SLURM will not requeue us, so rank 0 does; SIGTERM: SLURM decides (requeue,
-        # preemption, or a plain scancel that must stay cancelled)
+        # USR2: SLURM will not requeue us, so the batch script does once every task has exited
+        # (jobs/after_tasks.py); SIGTERM: SLURM decides (requeue, preemption, or a plain scancel
+        # that must stay cancelled)
         outcome = "SLURM requeues it or it was cancelled"
-        if e.signal_name == "SIGUSR2" and (job is None or job.global_rank == 0):
-            outcome = requeue_self(max_restarts)
+        if e.signal_name == "SIGUSR2":
+            outcome = usr2_outcome(max_restarts, on_slurm)
         print(f"[launcher] {e}; {outcome}", flush=True)
-        if record:
+        OUTCOME.record("stopped", f"{e.signal_name}: {e}", write_status=False)
+        # srun's SIGTERM after another rank failed: that rank's FAILED record stays
+        if record and not OUTCOME.others("error"):
             write_status(status_file, "REQUEUED" if outcome.startswith("requeued") else "STOPPED",
                          job_id=job_id, error=f"{e}; {outcome}")
         raise
     except BaseException as e:
-        if record:
-            write_status(status_file, "FAILED", job_id=job_id, error=f"{type(e).__name__}: {e}"[:2000],
-                         traceback=traceback.format_exc()[-4000:], **usage(start))
+        # a genuine error of the job fails it (any rank's record names it); a lost peer (a rank
+        # or node died, a collective timed out) leaves the requeue to the batch script
+        kind = classify(e)
+        error = f"{type(e).__name__}: {e}"
+        with STOP.polled():           # srun's SIGTERM must not interrupt the record
+            print(f"[launcher] rank {rank}: {'lost a peer' if kind == 'lost' else 'failed'}: "
+                  f"{error[:500]}", flush=True)
+            OUTCOME.record(kind if on_slurm else "error", error, write_status=False)
+            if kind == "error" or not on_slurm:
+                if status_file is not None and (record or kind == "error"):
+                    status("FAILED", error, traceback=traceback.format_exc()[-4000:])
+            elif record and not OUTCOME.others("error"):
+                status("REQUEUED", f"lost a peer: {error}; the batch script requeues the job "
+                                   "while cluster.max_restarts allows")
         raise
     leave_process_group()
     if record:
@@ -118,13 +147,33 @@ def start_up_gc() -> Iterator[None]:
             gc.enable()
 
 
-def requeue_on_kill(max_restarts: int) -> str:
-    """Batch-script line: when srun ends with 137 (a task was SIGKILLed) while the job is still
-    RUNNING (not being cancelled) and restarts remain, requeue the job."""
-    return ("trap 'rc=$?; if [ $rc -eq 137 ] && [ \"${SLURM_RESTART_COUNT:-0}\" -lt "
-            f"{max_restarts} ] && scontrol show job $SLURM_JOB_ID | grep -q JobState=RUNNING; then "
-            "echo \"[launcher] tasks were killed (exit 137): requeueing job $SLURM_JOB_ID\"; "
-            "scontrol requeue $SLURM_JOB_ID; fi' EXIT")
+def outcomes_folder(status_file: str | None) -> Path | None:
+    """Where the tasks of this job leave their outcome markers: the batch script's
+    ``HPC_MIM_OUTCOMES`` on SLURM (one folder per launcher, shared by all nodes), else next to
+    the job's status record."""
+    if os.environ.get("HPC_MIM_OUTCOMES"):
+        return Path(os.environ["HPC_MIM_OUTCOMES"])
+    return Path(status_file).parent / "outcomes" if status_file else None
+
+
+def usr2_outcome(max_restarts: int, on_slurm: bool) -> str:
+    """What becomes of a job stopped by SIGUSR2 (for its record and log)."""
+    if not on_slurm:
+        return "not on SLURM: run the same command again to resume"
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_restarts:
+        return f"not requeued: already restarted {restarts} times (cluster.max_restarts)"
+    return (f"requeued by the batch script once every task has exited (restart {restarts + 1} "
+            f"of at most {max_restarts})")
+
+
+def after_tasks_setup(max_restarts: int, outcomes: Path) -> list[str]:
+    """Batch-script lines: where the tasks leave their outcome markers, and the EXIT trap that
+    reads them once srun has returned and requeues the job or lets it end (jobs/after_tasks.py,
+    run by this interpreter: stdlib only, no import of the project's stack)."""
+    script = Path(__file__).resolve().parent / "after_tasks.py"
+    return [f"export HPC_MIM_OUTCOMES={shlex.quote(str(Path(outcomes).resolve()))}",
+            f"trap '\"{sys.executable}\" \"{script}\" $? {int(max_restarts)}' EXIT"]
 
 
 def failure_reason(error: Exception) -> str:
@@ -157,7 +206,8 @@ class Launcher:
             job_name=job_name or f"hpc_mim-{spec.name}", nodes=spec.nodes,
             ntasks_per_node=spec.tasks_per_node, cpus_per_task=spec.cpus_per_task, time=spec.time_min,
             # one task dying ends the step at once (else the others wait in a collective)
-            srun_args=["--kill-on-bad-exit=1"], setup=[requeue_on_kill(spec.max_restarts)])
+            srun_args=["--kill-on-bad-exit=1"],
+            setup=after_tasks_setup(spec.max_restarts, self.folder / "outcomes"))
         extra: dict[str, Any] = {"requeue": True}
         if spec.gpus_per_node:
             params["gpus_per_node"] = spec.gpus_per_node

@@ -1,6 +1,6 @@
 """Submit a pre-training run and its chained evaluations.
 
-    python jobs/submit.py --method mae --nodes 8 --gpus-per-node 8 --partition gpu
+    python jobs/submit.py --method mae --nodes 8 --gpus-per-node 8 --partition gpu --set tracking.uri=http://HOST:5000
     python jobs/submit.py --method mae --cluster local --preset fmnist_tiny
     python jobs/submit.py --method mae --nodes 2 --dry-run
     python jobs/submit.py --status runs/<name>          # each job's state, error, MLflow runs
@@ -9,9 +9,11 @@
     python jobs/submit.py --status SWEEP | --resume SWEEP
 
 Everything is validated before anything is created or queued: the config (unknown keys,
-types, impossible values), the dataset files, and the runs folder. Then: the run directory
-(resolved config), the MLflow parent run, the pre-training job, and one job per evaluation that
-starts only after pre-training succeeded (SLURM ``afterok``; locally: run after it).
+types, impossible values), the dataset files, the runs folder, and the MLflow store (a file
+store is refused for a multi-node or sweep submission to SLURM: ``check_tracking_store``).
+Then: the run directory (resolved config), the MLflow parent run, the pre-training job, and one
+job per evaluation that starts only after pre-training succeeded (SLURM ``afterok``; locally:
+run after it).
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 if __package__ in (None, ""):        # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hpc_mim.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from hpc_mim.datasets import required_files  # noqa: E402
-from jobs.plan import build_plan, format_plan  # noqa: E402
+from jobs.plan import JobSpec, build_plan, format_plan  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--time", type=int, help="pre-training time limit in minutes (cluster.time_min)")
     ap.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local", "debug"],
                     help="auto = slurm if sbatch is on PATH, else local subprocesses")
-    ap.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<runs_root>/mlflow.db)")
+    ap.add_argument("--tracking-uri", help="MLflow URI (default sqlite:///<runs_root>/mlflow.db; a server "
+                    "http://host:5000 for multi-node or sweep SLURM submissions)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and sbatch scripts; queue nothing")
     args = ap.parse_args(argv)
     if not (args.method or args.status or args.sweep or args.resume):
@@ -91,6 +95,48 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
         raise ConfigError(f"runs_root: {root} is not writable ({e.strerror} in {probe})") from e
     if run_dir.exists():
         raise ConfigError(f"name: run directory {run_dir} already exists; pick another --set name=...")
+
+
+def is_file_store(uri: str) -> bool:
+    """True for an MLflow store that is a file on disk: "" (the default sqlite:///<runs_root>/
+    mlflow.db), ``sqlite:``, ``file:`` or a plain path; False for a server (``http(s)://``) or
+    a database server (``postgresql://``, ``mysql://``, ...) or Databricks (``databricks``
+    alone is a URI: mlflow.utils.uri.is_databricks_uri)."""
+    uri = uri.strip()
+    return uri != "databricks" and urlparse(uri).scheme.lower() in ("", "file", "sqlite")
+
+
+def check_tracking_store(cfg: Config, plans: list[list[JobSpec]], cluster: str, cells: int = 0) -> None:
+    """Refuse (ConfigError) a SLURM submission whose jobs would write a file-based MLflow store
+    from several nodes at once: a multi-node job (``cluster.nodes`` or ``eval.<name>.nodes`` >
+    1) or a sweep (``cells`` > 0: its cells run side by side). SQLite's locking does not hold
+    on NFS/Lustre ("database is locked", corrupted stores: https://www.sqlite.org/faq.html#q5),
+    and a ``file:`` store's run folders race the same way. ``--cluster local``/``debug`` run on
+    one machine and pass; ``tracking.allow_file_store: true`` opts in (one machine's local
+    disk, e.g. scripts/local_slurm.sh). ``cluster``: the resolved one (``auto`` -> slurm when
+    sbatch is on PATH). Called before anything is created or queued, on ``--dry-run`` too."""
+    if cluster != "slurm" or cfg.tracking.allow_file_store or not is_file_store(cfg.tracking.uri):
+        return
+    wide = [s for plan in plans for s in plan if s.nodes > 1]
+    if cells:
+        why = f"a sweep of {cells} cells, whose jobs run at once on several nodes"
+    elif wide:
+        why = ", ".join(f"{s.name} on {s.nodes} nodes" for s in wide)
+    else:
+        return
+    store = cfg.tracking.uri or f"the default {tracking_uri(cfg)}"
+    raise ConfigError(
+        f"tracking.uri: the MLflow store is a file ({store}) and this SLURM submission writes it "
+        f"from several nodes at once ({why}); a file store on a shared file system (NFS, "
+        "Lustre) gives 'database is locked' and corrupted stores. Nothing was queued. Run a tracking "
+        "server on a host the nodes reach:\n"
+        "    mlflow server --backend-store-uri postgresql://USER:PASSWORD@DBHOST/mlflow "
+        "--host 0.0.0.0 --port 5000 --allowed-hosts '<server host>:5000'\n"
+        "    (or --backend-store-uri sqlite:////<a local disk of the server host>/mlflow.db: "
+        "only the server writes it)\n"
+        "and submit with --set tracking.uri=http://<server host>:5000; or, when every node writes "
+        "to one machine's local disk (scripts/local_slurm.sh), opt in with "
+        "--set tracking.allow_file_store=true")
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -141,6 +187,7 @@ def status(run_dir: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from jobs import sweep_commands
+    from jobs.launcher import resolve_cluster
     from jobs.sweep import from_cli, load_sweep_file
     if args.status:
         if (Path(args.status) / "sweep.json").is_file() or (Path("runs") / args.status / "sweep.json").is_file():
@@ -169,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.runs_root, cfg.data.root = str(Path(cfg.runs_root).resolve()), str(Path(cfg.data.root).resolve())
         run_dir = Path(cfg.runs_root) / cfg.name
         plan = build_plan(cfg, str(run_dir))
+        check_tracking_store(cfg, [plan], resolve_cluster(args.cluster))
         if not args.dry_run:
             check_inputs(cfg, run_dir)
     except ConfigError as e:

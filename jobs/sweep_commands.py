@@ -25,7 +25,7 @@ from typing import Any
 
 from hpc_mim.config import ConfigError, read_config
 from hpc_mim.rundir import atomic_write_text
-from jobs.launcher import Launcher
+from jobs.launcher import Launcher, resolve_cluster
 from jobs.plan import JobSpec, build_plan, format_plan
 from jobs.status import collect, slurm_state
 from jobs.sweep import SweepSpec
@@ -34,10 +34,13 @@ from jobs.sweep_arrays import (ALIVE, format_arrays, max_array_size, new_record,
 
 
 def submit_sweep(spec: SweepSpec, flags: list[str], cluster: str, dry_run: bool) -> int:
-    from jobs.submit import check_inputs, create_run, tracking_experiment, tracking_uri
+    from jobs.submit import check_inputs, check_tracking_store, create_run, tracking_experiment, tracking_uri
     try:
         sweep_dir, cells = resolve_cells(spec, flags)
         plans = {cid: build_plan(cfg, str(sweep_dir / cid)) for cid, (_, cfg) in cells.items()}
+        # the cells share the first one's store (tracking_uri(first) below)
+        check_tracking_store(next(iter(cells.values()))[1], list(plans.values()),
+                             resolve_cluster(cluster), cells=len(cells))
         if not dry_run:
             if sweep_dir.exists():
                 raise ConfigError(f"sweep {spec.name}: {sweep_dir} exists; --resume {spec.name} "

@@ -5,10 +5,14 @@
 #   fine-tuning 20 steps, segmentation (512 crops) and detection (1024 px) 10 steps each;
 #   then benchmarks/gpu_throughput.py: MAE ViT-B/16 img/s, peak GPU memory and MFU.
 # Without CUDA the tests are skipped with the reason and the benchmark is not run.
+# Needs no dataset: tests/gpu make theirs with data_prep.synthetic, the benchmark uses random batches.
 # Output: runs/gpu_check/{pytest.log,throughput.json}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+# the venv's tools first: DeepSpeed's op builds call `ninja` by name, and on a node without
+# root the one found may be pip's (a DeepSpeed dependency, in .venv/bin)
+export PATH="$PWD/.venv/bin:$PATH"
 OUT=runs/gpu_check
 mkdir -p "$OUT"
 export CUBLAS_WORKSPACE_CONFIG=:4096:8          # deterministic cuBLAS for the exact-resume check

@@ -308,3 +308,44 @@ def test_resaving_a_step_leaves_a_loadable_latest_whatever_point_a_kill_hits(tmp
     mgr.save(7, torch_save_fn({"step": 7, "version": "newer"}))   # and again: a free name
     assert mgr.latest() == "step_00000007" and mgr.load(load_fn)["version"] == "newer"
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000007"]
+
+
+def test_checkpoints_follow_the_schedule_and_not_every_epoch_end(tmp_path, data_root):
+    """Saves come every ``checkpoint.every_steps`` and at the end, never at each epoch's end as
+    well (an ImageNet epoch is 10-30 s on 64 GPUs); a resume mid-epoch is exact anyway."""
+    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", "train.epochs=3",
+                                    "checkpoint.every_steps=5", "train.log_every=100"])
+    done = pretrain(run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    total, per_epoch = map(int, re.search(r"start: .*?(\d+) steps \((\d+)/epoch", done.stdout).groups())
+    assert total == 3 * per_epoch and per_epoch % 5, done.stdout     # epoch ends off the schedule
+    saved = [int(s) for s in re.findall(r"checkpoint step_(\d+)", done.stdout)]
+    assert saved == sorted({*range(5, total + 1, 5), total}), (saved, per_epoch)
+
+
+def test_each_rank_fsyncs_only_the_checkpoint_files_it_wrote(tmp_path, monkeypatch):
+    """Two ranks share a checkpoint folder (DeepSpeed's ZeRO shards, our RNG files): each
+    flushes its own files, rank 0 also the shared ones and the folders; together, everything
+    once."""
+    import hpc_mim.train.checkpoint as ck
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "rng_rank0.pt", "rng_rank1.pt"]
+
+    def save(folder: Path, tag: str) -> None:            # what both ranks' writes leave there
+        (folder / tag).mkdir(exist_ok=True)
+        for name in names:
+            (folder / tag / name).write_bytes(b"x")
+
+    synced: dict[int, list[str]] = {}
+    for rank in (1, 0):                                   # rank 1 first: it does not publish
+        calls: list[str] = []
+        monkeypatch.setattr(ck, "fsync_path", lambda p, calls=calls: calls.append(Path(p).name))
+        ck.CheckpointManager(tmp_path, is_main=rank == 0, rank=rank).save(3, save)
+        synced[rank] = calls
+    files = lambda rank: sorted(n for n in synced[rank] if n.endswith(".pt"))  # noqa: E731
+    assert files(1) == sorted(["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                               "zero_pp_rank_1_mp_rank_00_model_states.pt", "rng_rank1.pt"])
+    assert files(0) == sorted(["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                               "rng_rank0.pt"])
+    assert "step_00000003.tmp" in synced[0] and "step_00000003.tmp" not in synced[1]

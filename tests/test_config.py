@@ -46,6 +46,8 @@ def test_unknown_key_in_yaml_file_names_the_file(tmp_path):
     ("eval.segmentation.rescales=[4,3,1,0.5]", "eval.segmentation.rescales"),
     ("eval.detection.anchor_sizes=[8,16]", "eval.detection.anchor_sizes"),
     ("eval.finetune.micro_batch_size=1000", "eval.finetune.batch_size"),
+    ("train.zero_bucket_size=0", "train.zero_bucket_size"),
+    ("train.zero_bucket_size=5e7", "train.zero_bucket_size"),    # a count of elements: an int
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -76,6 +78,21 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert read_config(tmp_path / "config.yaml").to_dict() == cfg.to_dict()
     assert isinstance(cfg, Config)
+
+
+def test_zero_overlap_and_bucket_size_reach_deepspeed_from_yaml_and_set(tmp_path):
+    from hpc_mim.distributed.deepspeed import ds_config
+    default = load_config("mae", "smoke").train
+    assert (default.zero_overlap_comm, default.zero_bucket_size) == (True, 25_000_000)
+    extra = tmp_path / "zero.yaml"
+    extra.write_text("train:\n  zero_stage: 1\n  zero_bucket_size: 40_000_000\n")
+    cfg = load_config("mae", "smoke", files=[str(extra)], overrides=["train.zero_overlap_comm=false"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = read_config(tmp_path / "config.yaml")
+    assert (again.train.zero_overlap_comm, again.train.zero_bucket_size) == (False, 40_000_000)
+    zero = ds_config(again.train, world_size=1)["zero_optimization"]
+    assert zero["stage"] == 1 and zero["overlap_comm"] is False
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 40_000_000
 
 
 def test_saved_config_keeps_only_the_chosen_methods_section(tmp_path):

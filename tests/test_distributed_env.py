@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from conftest import REPO
 from test_checkpoint import make_run
@@ -48,6 +49,34 @@ def test_array_tasks_get_their_rendezvous_port_from_their_own_slurm_job_id(monke
     assert first != job_port("123_4") and first == port_for_job("57")
     monkeypatch.delenv("SLURM_JOB_ID")                  # a local job: the launcher's id
     assert job_port("4242") == port_for_job("4242")
+
+
+def test_rendezvous_ports_stay_out_of_the_ephemeral_range_and_agree_between_nodes():
+    """The kernel hands ports of net.ipv4.ip_local_port_range to outgoing connections and to
+    every bind(port 0): a rendezvous port drawn from it is now and then taken ("address already
+    in use"). Every task computes the port on its own node, so nodes must agree on it."""
+    from hpc_mim.distributed.env import (LINUX_EPHEMERAL, SERVICE_PORTS, ephemeral_port_range,
+                                         port_for_job)
+    proc = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first, last = ephemeral_port_range()
+    if proc.is_file():
+        assert (first, last) == tuple(int(v) for v in proc.read_text().split())
+    ids = list(range(0, 400_000, 13)) + [f"{j}_{j % 7}" for j in range(0, 40_000, 17)]
+    ports = [port_for_job(j) for j in ids]
+    outside = [p for p in ports if not first <= p <= last]
+    assert outside == ports, f"{len(ports) - len(outside)} of {len(ports)} in {first}-{last}"
+    assert ports == [port_for_job(j) for j in ids]                     # deterministic
+    assert all(1024 <= p < 65536 and p not in SERVICE_PORTS for p in ports)
+    assert len({port_for_job(j) for j in range(20_000)}) == 20_000     # consecutive jobs differ
+    # nodes with another range that leaves the window free compute the same ports
+    default = [port_for_job(j, LINUX_EPHEMERAL) for j in ids]
+    for other in ((49152, 65535), (32768, 65535), (40000, 60999)):
+        assert [port_for_job(j, other) for j in ids] == default
+    # a range reaching into the window (or over all of it): still outside, and deterministic
+    for first, last in ((15000, 65000), (9000, 60999), (1024, 40000)):
+        ports = [port_for_job(j, (first, last)) for j in ids]
+        assert not any(first <= p <= last for p in ports), (first, last)
+        assert ports == [port_for_job(j, (first, last)) for j in ids]
 
 
 def test_a_finished_job_leaves_its_process_group_and_a_job_without_one_imports_nothing():

@@ -90,7 +90,8 @@ def killed_on_every_start_case(root: Path, data_root: Path) -> None:
         time.sleep(0.2)
     info = scontrol(ids["pretrain"])
     assert info["JobState"] == "FAILED" and info["Restarts"] == "1" and killed_runs == 2, (info, killed_runs)
-    assert job_logs(run_dir).count("(exit 137): requeueing") == 1
+    assert job_logs(run_dir).count("requeued job") == 1, job_logs(run_dir)[-3000:]
+    assert "not requeued: already restarted 1 times" in job_logs(run_dir)
     deadline = time.time() + 120
     while (knn := scontrol(ids["knn"]))["Reason"] == "Dependency" and time.time() < deadline:
         time.sleep(2)

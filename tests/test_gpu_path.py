@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -158,15 +159,128 @@ def test_each_task_finds_its_own_gpu_with_or_without_slurm_gpu_binding():
         cuda_index(local_rank=3, visible=2)
 
 
+class CudaLikeAccelerator:
+    """What DeepSpeed's CUDA accelerator does with a device index, recorded instead of done."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+
+    def is_available(self) -> bool:
+        return True
+
+    def set_device(self, index) -> None:
+        self.calls.append(("deepspeed", int(index)))
+
+    def device_name(self, index=None) -> str:
+        return "cuda" if index is None else f"cuda:{int(index)}"
+
+
+@pytest.mark.parametrize("visible, expected", [(1, 0), (8, 5)])
+def test_deepspeed_drives_the_gpu_the_project_chose(monkeypatch, request, visible, expected):
+    """Local rank 5 of 8 on a node where SLURM binds one GPU per task (1 visible: its index is
+    0) or shows all 8 (index 5). The project picks the device (``training_device``), then
+    exports the environment (``init_distributed``); DeepSpeed derives its own device from that
+    environment in the functions called here (the engine's, the communication layer's and
+    ZeRO's reads of LOCAL_RANK) and must land on the same GPU: ``set_device(5)`` with one
+    visible GPU is "invalid device ordinal". CUDA is simulated: torch.cuda reports ``visible``
+    devices and records what is made current."""
+    import deepspeed.comm as ds_comm
+    import deepspeed.runtime.engine as ds_engine
+    from deepspeed.comm.utils import get_local_rank_from_launcher
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hpc_mim.distributed import deepspeed as ds
+    from hpc_mim.distributed.env import DistEnv, cuda_index, detect, training_device
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")                 # restored (or removed) after the test
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    request.addfinalizer(lambda: (setattr(torch.backends.cuda.matmul, "allow_tf32", tf32[0]),
+                                  setattr(torch.backends.cudnn, "allow_tf32", tf32[1])))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("torch", torch.device(d).index)))
+
+    env = DistEnv(rank=13, world_size=16, local_rank=5, local_world_size=8)
+    device = training_device(env)
+    assert device == torch.device("cuda", expected)
+    # init_distributed's export, without the NCCL rendezvous (the group "exists")
+    monkeypatch.setattr(ds.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(ds.deepspeed, "init_distributed", lambda **kwargs: None)
+    ds.init_distributed(env, device)
+    assert env.local_rank == 5                      # the project keeps the true local rank
+
+    # DeepSpeedEngine.__init__: _configure_with_arguments, then _set_distributed_vars
+    engine = types.SimpleNamespace()
+    DeepSpeedEngine._configure_with_arguments(engine, None, None)
+    monkeypatch.setattr(ds_engine, "get_accelerator", lambda: CudaLikeAccelerator(calls))
+    monkeypatch.setattr(ds_comm, "get_world_size", lambda group=None: 16)
+    monkeypatch.setattr(ds_comm, "get_rank", lambda group=None: 13)
+    DeepSpeedEngine._set_distributed_vars(engine, None)
+    assert engine.device == device
+    assert calls == [("torch", expected), ("deepspeed", expected)]
+    # zero.Init's local_device, ZeRO's utilities, comm's device_id and dist.get_local_rank
+    assert int(os.environ["LOCAL_RANK"]) == expected
+    assert get_local_rank_from_launcher() == expected
+    # a later detect() reads the ordinal as local rank: the same GPU again
+    assert cuda_index(detect().local_rank, visible) == expected
+
+
 def test_gpu_loader_copies_uint8_and_normalises_on_the_device():
     """FFCV's ImageNet recipe: the batch crosses PCIe as uint8 (4x fewer bytes), asynchronously,
-    and is normalised on the GPU; on the CPU normalisation stays before ToTensor (#396)."""
+    and is normalised on the GPU -- in torch: FFCV's NormalizeImage on a GPU tensor compiles a
+    cupy kernel, and nothing installs cupy, so no op of the GPU pipeline may need it. The torch
+    normalisation equals what FFCV's NormalizeImage writes on the CPU (its lookup table: float64
+    (v - 255 mean) / (255 std) rounded to float32), to float32 rounding. On the CPU
+    normalisation stays in FFCV, before ToTensor (#396)."""
+    import inspect
+
     from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
 
     from hpc_mim.data.ffcv_io import _image_pipeline
+    from hpc_mim.data.views import normalize_uint8
     kinds = lambda ops: [type(op) for op in ops]               # noqa: E731
-    gpu = _image_pipeline("decoder", [], [0.5] * 3, [0.2] * 3, torch.device("cuda", 0))
-    assert kinds(gpu[1:]) == [ToTensor, ToDevice, ToTorchImage, NormalizeImage]
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    gpu = _image_pipeline("decoder", [], mean, std, torch.device("cuda", 0))
+    assert kinds(gpu[1:]) == [ToTensor, ToDevice, ToTorchImage]
     assert gpu[2].non_blocking and gpu[2].device == torch.device("cuda", 0)
-    cpu = _image_pipeline("decoder", [], [0.5] * 3, [0.2] * 3, torch.device("cpu"))
+    needs_cupy = [type(op).__name__ for op in gpu[1:] if "cupy" in inspect.getsource(inspect.getmodule(op))]
+    assert not needs_cupy, needs_cupy
+    cpu = _image_pipeline("decoder", [], mean, std, torch.device("cpu"))
     assert kinds(cpu[1:]) == [NormalizeImage, ToTensor, ToTorchImage]
+
+    table = torch.from_numpy(cpu[1].lookup_table)             # (256, 3): value, channel -> float32
+    values = torch.arange(256).view(16, 16)
+    raw = values.expand(4, 3, 16, 16).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    got = normalize_uint8(raw, mean, std)                     # a uint8 batch as ToTorchImage gives it
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    expected = table.T[:, values].expand(4, 3, 16, 16)
+    torch.testing.assert_close(got, expected, rtol=2e-7, atol=5e-7)
+    formula = (values.double() - 255 * torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)) / (
+        255 * torch.tensor(std, dtype=torch.float64).view(3, 1, 1))
+    torch.testing.assert_close(got.double(), formula.expand(4, 3, 16, 16), rtol=2e-7, atol=5e-7)
+
+
+def test_iterate_normalises_a_uint8_gpu_batch_on_its_device():
+    """A GPU loader yields the main image as uint8 (channels-last, as ToTorchImage leaves it);
+    ``iterate`` hands the training loop float32 normalised images in the same layout."""
+    from hpc_mim.data.ffcv_io import iterate
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    raw = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # (B, 3, H, W), NHWC
+    label = torch.arange(4, dtype=torch.int32)
+
+    class GpuLoader:                 # what build_loader(device="cuda") returns, as iterate uses it
+        next_epoch, batch_size = 0, 4
+        traversal_order = type("Order", (), {"skip": 0})()
+        hpc_views, hpc_normalize = ((), mean, std), True
+
+        def __iter__(self):
+            yield raw, label
+
+    batch = next(iterate(GpuLoader()))
+    image = batch["image"]
+    assert image.dtype == torch.float32 and image.is_contiguous(memory_format=torch.channels_last)
+    m, s = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (mean, std))
+    expected = (raw.double() / 255 - m) / s
+    torch.testing.assert_close(image.double(), expected, rtol=1e-6, atol=1e-6)
+    assert batch["label"].dtype == torch.long

@@ -1,5 +1,6 @@
-"""Synced BatchNorm over gloo: two ranks with half a batch each behave like one BatchNorm on the
-whole batch (outputs, input gradients, summed weight gradients, running statistics)."""
+"""Synced BatchNorm over gloo: two ranks with a part of a batch each behave like one BatchNorm on
+the whole batch (outputs, input gradients, summed weight gradients, running statistics), for
+(N, C) and (N, C, H, W) inputs, equal or unequal parts."""
 import os
 
 import torch
@@ -7,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hpc_mim.distributed.env import free_port
-from hpc_mim.models.heads import SyncBatchNorm1d, mlp_head
+from hpc_mim.models.heads import SyncBatchNorm1d, SyncBatchNorm2d, mlp_head
 
 
 def data():
@@ -91,3 +92,55 @@ def test_large_mean_and_bf16_inputs_match_fp32_batchnorm():
         assert torch.allclose(out[(0, name)][1], ref.running_var, rtol=1e-3), name
         # and a single process (or eval mode) takes bf16 inputs too, computing in fp32
         assert torch.allclose(SyncBatchNorm1d(5)(x), y, atol=1e-3), name
+
+
+# ------------------------------------------------------------------ (N, C, H, W), unequal parts
+
+SPLIT = (3, 1)          # images per rank: the count travels with the sums, nothing assumes equal
+
+
+def map_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    shift = torch.randn(1, 4, 1, 1, generator=g) * 5
+    return torch.randn(4, 4, 3, 5, generator=g) * 2 + shift, torch.randn(4, 4, 3, 5, generator=g)
+
+
+def map_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x, w = map_data()
+    mine = slice(sum(SPLIT[:rank]), sum(SPLIT[:rank + 1]))
+    x = x[mine].clone().requires_grad_(True)
+    bn = SyncBatchNorm2d(4, momentum=None)               # cumulative average, as BatchNorm's
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2, 4))
+    y = bn(x)
+    (y * w[mine]).sum().backward()
+    bn(x.detach() * 2)                                   # a second step of the running average
+    with torch.autocast("cpu", torch.bfloat16):          # bf16 input: fp32 statistics and output
+        half = bn(x.detach().bfloat16())
+    out[rank] = (y.detach(), x.grad, bn.weight.grad, bn.bias.grad, bn.running_mean,
+                 bn.running_var, bn.num_batches_tracked, half.dtype)
+    dist.destroy_process_group()
+
+
+def test_unequal_parts_of_a_batch_of_maps_match_one_batchnorm2d():
+    out = mp.Manager().dict()
+    mp.spawn(map_worker, args=(free_port(), out), nprocs=2, join=True)
+    x, w = map_data()
+    x.requires_grad_(True)
+    bn = torch.nn.BatchNorm2d(4, momentum=None)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 2, 4))
+    y = bn(x)
+    (y * w).sum().backward()
+    bn(x.detach() * 2)
+    bn(x.detach().bfloat16().float())
+    torch.testing.assert_close(torch.cat([out[0][0], out[1][0]]), y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[0][3] + out[1][3], bn.bias.grad, atol=1e-4, rtol=1e-5)
+    for rank in (0, 1):                                  # the same running statistics on each
+        torch.testing.assert_close(out[rank][4], bn.running_mean, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(out[rank][5], bn.running_var, atol=1e-4, rtol=1e-5)
+        assert out[rank][6] == 3 and out[rank][7] == torch.float32

@@ -34,6 +34,36 @@ def test_sincos_position_embedding_is_fixed_and_distinct():
     assert torch.unique(pos[1:], dim=0).shape[0] == 49
 
 
+def test_other_grids_build_their_sincos_table_once_per_device_and_dtype(monkeypatch):
+    """Dense evaluations feed other sizes than img_size (512 px crops, padded detection inputs)
+    every step: the table of such a grid is built once, not on the CPU and copied to the device
+    every forward, and stays out of the state dict (checkpoints and exports are unchanged)."""
+    from hpc_mim.models import vit
+    builds = []
+    real = vit.sincos_pos_embed
+    monkeypatch.setattr(vit, "sincos_pos_embed", lambda *a, **k: builds.append(a[0]) or real(*a, **k))
+    enc = ViTEncoder(**CFG).eval()
+    builds.clear()                                                 # the default grid's buffer
+    keys = list(enc.state_dict())
+    x = torch.randn(2, 3, 40, 36)                                  # a 10 x 9 grid, not 7 x 7
+    first, second = enc(x), enc(x)
+    assert builds == [(10, 9)]                                     # once, for two forwards
+    assert torch.equal(first, second)
+    assert torch.equal(enc.position_embedding((40, 36)), real((10, 9), 32, 1))  # the uncached table
+    enc(torch.randn(1, 3, 28, 28))                                 # the default grid: its buffer
+    enc(torch.randn(1, 3, 32, 32))
+    assert builds == [(10, 9), (8, 8)]
+    assert list(enc.state_dict()) == keys and "_pos_cache" not in str(keys)
+    enc.double()                                                   # moved / cast: no stale table
+    pos = enc.position_embedding((40, 36))
+    assert pos.dtype == torch.float64 and builds == [(10, 9), (8, 8), (10, 9)]
+    assert [k[2] for k in enc._pos_cache] == [torch.float64]
+    assert torch.equal(pos, real((10, 9), 32, 1).double())
+    for side in range(1, 3 * vit.POS_CACHE_SIZE):                 # a few tables, not every shape
+        enc.position_embedding((4 * side, 28))
+    assert len(enc._pos_cache) == vit.POS_CACHE_SIZE
+
+
 def test_forward_intermediates_shapes():
     enc = ViTEncoder(**CFG)
     feats = enc.forward_intermediates(torch.randn(2, 3, 28, 28), [0, 2])

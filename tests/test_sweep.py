@@ -93,3 +93,36 @@ def test_dry_run_lists_cells_arrays_and_array_scripts(tmp_path):
     assert "#SBATCH --array=0-3%4" in r.stdout and "#SBATCH --dependency='aftercorr:<array 0>'" in r.stdout
     assert "#SBATCH --job-name=dry-knn" in r.stdout
     assert not (tmp_path / "dry").exists()
+
+
+def test_sweep_to_slurm_with_a_file_store_is_refused_unless_opted_in(tmp_path):
+    """A sweep's cells run side by side on several nodes: with a file-based MLflow store
+    (here the default sqlite) a SLURM submission is refused, exit code 2, before anything is
+    created or queued (--dry-run shows the same error); the sweep file's or the command line's
+    ``tracking.allow_file_store=true``, a server URI, or --cluster local let it through."""
+    runs = tmp_path / "runs"
+    sweep = tmp_path / "wide.yaml"
+    sweep.write_text('name: wide\nmethods: [mae, lut]\nseeds: [0, 1]\nset: ["evals=[knn]"]\n')
+    for extra in (("--dry-run",), ()):       # without --dry-run it stops before the data check
+        r = submit("--sweep", str(sweep), "--cluster", "slurm", *extra, "--set", f"runs_root={runs}")
+        assert r.returncode == 2, (extra, r.stdout[-500:], r.stderr[-500:])
+        assert r.stderr.startswith("error: tracking.uri:") and "a sweep of 4 cells" in r.stderr, r.stderr
+        for words in ("mlflow server --backend-store-uri", "--set tracking.uri=http://<server host>:5000",
+                      "--set tracking.allow_file_store=true"):
+            assert words in r.stderr, (words, r.stderr)
+        assert "#SBATCH" not in r.stdout and "cell(s)" not in r.stdout
+    short = submit("--method", "mae,lut", "--cluster", "slurm", "--dry-run", "--set", f"runs_root={runs}",
+                   "--sweep-name", "short")
+    assert short.returncode == 2 and "a sweep of 2 cells" in short.stderr, short.stderr
+    assert not runs.exists()                 # no sweep folder, no store
+
+    opted = tmp_path / "opted.yaml"
+    opted.write_text(sweep.read_text().replace('set: ["evals=[knn]"]',
+                                               'set: ["evals=[knn]", tracking.allow_file_store=true]'))
+    for args in (("--sweep", str(opted), "--cluster", "slurm"),
+                 ("--sweep", str(sweep), "--cluster", "slurm", "--set", "tracking.allow_file_store=true"),
+                 ("--sweep", str(sweep), "--cluster", "slurm", "--tracking-uri", "http://127.0.0.1:5000"),
+                 ("--sweep", str(sweep), "--cluster", "local")):
+        r = submit(*args, "--dry-run", "--set", f"runs_root={runs}")
+        assert r.returncode == 0 and "4 cell(s)" in r.stdout, (args, r.stderr[-800:])
+    assert not runs.exists()

@@ -1,6 +1,6 @@
 """FFCV ``.beton`` writing and loading (the only module that imports ffcv).
 
-Loaders yield ``{"image": float (B, 3, S, S) normalised, "label": long (B,)}``, plus one
+Loaders yield ``{"image": float32 (B, 3, S, S) normalised, "label": long (B,)}``, plus one
 normalised view per name in ``extra_views`` (hpc_mim/data/views.py): the same images decoded
 again with their own crop and flip, then that view's recipe. Sample order is a pure function of
 (seed, epoch) (FFCV's RANDOM order; DistributedSampler semantics when distributed), and so is
@@ -61,7 +61,7 @@ finally:
 from numba import objmode
 from numba.core.errors import NumbaWarning
 
-from hpc_mim.data.views import check_views, finish_view
+from hpc_mim.data.views import check_views, finish_view, normalize_uint8
 
 
 class ThreadRandom(threading.local):
@@ -379,16 +379,23 @@ def write_beton(path: str, dataset: Any, max_resolution: int | None = None, mode
 
 def _image_pipeline(decoder, flips: list, mean: Sequence[float], std: Sequence[float],
                     device: torch.device) -> list:
-    """Decode -> (flip) -> normalised float (B, 3, S, S) on ``device``.
+    """Decode -> (flip) -> (B, 3, S, S) on ``device``: normalised float32 on the CPU, uint8
+    on a GPU, where ``iterate`` normalises it (``normalizes_in_torch``).
 
-    On a GPU the batch crosses PCIe as uint8 and is normalised there (4x fewer bytes than
-    float32; FFCV's own ImageNet example does the same), asynchronously (``non_blocking``). On
-    the CPU NormalizeImage must come before ToTensor (libffcv/ffcv#396: it hangs after it)."""
+    On a GPU the batch crosses PCIe as uint8 (4x fewer bytes than float32; FFCV's own ImageNet
+    example does the same), asynchronously (``non_blocking``), and is normalised there in torch:
+    FFCV's NormalizeImage on a GPU tensor compiles a cupy kernel (ffcv/transforms/normalize.py
+    imports cupy in ``generate_code_gpu``), and cupy is no dependency of this project. On the
+    CPU NormalizeImage must come before ToTensor (libffcv/ffcv#396: it hangs after it)."""
+    if normalizes_in_torch(device):
+        return [decoder, *flips, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage()]
     normalize = NormalizeImage(np.array(mean) * 255, np.array(std) * 255, np.float32)
-    if device.type == "cuda":
-        return [decoder, *flips, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                normalize]
     return [decoder, *flips, normalize, ToTensor(), ToTorchImage()]
+
+
+def normalizes_in_torch(device: torch.device) -> bool:
+    """Whether the loader for ``device`` yields uint8 images that ``iterate`` normalises."""
+    return device.type == "cuda"
 
 
 def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float],
@@ -441,6 +448,7 @@ def build_loader(path: str, batch_size: int, img_size: int, mean: Sequence[float
                     drop_last=train, distributed=distributed, seed=seed, indices=indices,
                     os_cache=True, pipelines=pipelines)
     loader.hpc_views = (tuple(extra_views), tuple(mean), tuple(std))
+    loader.hpc_normalize = normalizes_in_torch(device)    # uint8 "image": iterate normalises it
     loader.hpc_decoders = decoders
     loader.traversal_order = SkippableOrder(loader.traversal_order)
     return loader
@@ -459,7 +467,10 @@ def iterate(loader: Loader, epoch: int | None = None,
         decoder.set_epoch(loader.next_epoch)
     loader.traversal_order.skip = skip * loader.batch_size
     views, mean, std = getattr(loader, "hpc_views", ((), (), ()))
+    normalize = getattr(loader, "hpc_normalize", False)
     for image, label, *extra in loader:                # pipeline order: fields, then views
+        if normalize:      # uint8 on the GPU -> float32, on the device (stats cached there)
+            image = normalize_uint8(image, mean, std)
         # channels-last as FFCV gives it: the patch embedding takes it without a copy
         batch = {"image": image, "label": label.long()}
         for name, raw in zip(views, extra):

@@ -4,15 +4,19 @@ A method that needs a second view of each image names a recipe here in ``extra_v
 loader decodes the same sample again with its own random crop + flip (uint8), and the recipe
 turns that into a normalised float view. Done in torch rather than in FFCV because FFCV 1.0
 has no hue, grayscale, solarize or blur op, and per-sample parameters are cheap on a batch.
+Also here, on the same terms: the normalisation of the main image of a GPU loader
+(``normalize_uint8``) and fine-tuning's RandAugment (``rand_augment``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+from hpc_mim.data.randaugment import rand_augment_uint8
 
 
 def _per_sample(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -110,12 +114,32 @@ def check_views(names: Sequence[str]) -> None:
         raise KeyError(f"unknown view recipe(s) {unknown}; hpc_mim/data/views.py has {sorted(RECIPES)}")
 
 
-def _stats(mean: Sequence[float], std: Sequence[float], device: torch.device):
-    """(1, C, 1, 1) mean and std on ``device``, copied without waiting for the device (a
-    blocking ``torch.tensor(..., device=cuda)`` per batch would drain the GPU's queue)."""
-    pair = torch.tensor([list(mean), list(std)]).view(2, 1, -1, 1, 1)
-    m, s = pair.to(device, non_blocking=True)
+@functools.lru_cache(maxsize=64)
+def _device_stats(mean: tuple[float, ...], std: tuple[float, ...], scale: float,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # computed in float64, rounded once to float32, copied once per (stats, device) without
+    # waiting for the device; made outside inference mode so that any later caller can use them
+    with torch.inference_mode(False):
+        pair = (torch.tensor([mean, std], dtype=torch.float64) * scale).float().view(2, 1, -1, 1, 1)
+        m, s = pair.to(device, non_blocking=True)
     return m, s
+
+
+def _stats(mean: Sequence[float], std: Sequence[float], device: torch.device,
+           scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) float32 ``scale * mean`` and ``scale * std`` on ``device``, made once per
+    device and process: a ``torch.tensor(..., device=cuda)`` per batch would be a blocking copy
+    that drains the GPU's queue."""
+    return _device_stats(tuple(map(float, mean)), tuple(map(float, std)), float(scale), torch.device(device))
+
+
+def normalize_uint8(raw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 ``(raw - 255 mean) / (255 std)`` on raw's device, in its
+    memory format (channels-last as FFCV's ToTorchImage gives it stays channels-last). What
+    FFCV's NormalizeImage computes (a float64 table rounded to float32), to float32 rounding,
+    without its GPU path, which needs cupy (hpc_mim/data/ffcv_io.py)."""
+    m, s = _stats(mean, std, raw.device, scale=255.0)
+    return raw.float().sub_(m).div_(s)             # in place: one float32 buffer, layout kept
 
 
 def finish_view(name: str, raw: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -127,10 +151,14 @@ def finish_view(name: str, raw: torch.Tensor, mean: Sequence[float], std: Sequen
 
 def rand_augment(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], num_ops: int = 2,
                  magnitude: int = 9) -> torch.Tensor:
-    """RandAugment (Cubuk et al. arXiv 1909.13719; torchvision's, which works on tensors) on a
-    normalised batch (B, C, H, W), each image drawing its own ops; returns it normalised."""
+    """torchvision's RandAugment(num_ops, magnitude) (Cubuk et al. arXiv 1909.13719) on a
+    normalised batch x (B, C, H, W), each image drawing its own ops and signs; returns it
+    normalised, float32, in x's memory format. The images go through uint8 (RandAugment's
+    arithmetic) and the ops run batched on x's device (hpc_mim/data/randaugment.py): no
+    per-image loop, no host sync."""
     m, s = _stats(mean, std, x.device)
     raw = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
-    augment = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
-    out = torch.stack([augment(img) for img in raw])        # batched input would share one draw
+    out = rand_augment_uint8(raw, num_ops=num_ops, magnitude=magnitude)
+    if x.is_contiguous(memory_format=torch.channels_last):     # the patch embedding's layout
+        out = out.contiguous(memory_format=torch.channels_last)
     return (out.float() / 255 - m) / s

@@ -53,8 +53,11 @@ def init_distributed(env: DistEnv, device: torch.device, rendezvous_timeout_s: i
     Two timeouts: every rank must reach the rendezvous store within ``rendezvous_timeout_s``
     (else an error naming host and port), while a collective may wait ``collective_timeout_s``
     for the slowest rank -- rank 0 alone writes MLflow, prunes checkpoints and fsyncs on a
-    shared filesystem, which can take minutes without anything being wrong."""
-    env.export()
+    shared filesystem, which can take minutes without anything being wrong.
+
+    The exported ``LOCAL_RANK`` is ``device``'s CUDA ordinal (``DistEnv.export``): DeepSpeed's
+    engine, ``zero.Init`` and ZeRO utilities pick their GPU from it, and must pick ours."""
+    env.export(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         try:
@@ -74,14 +77,48 @@ def init_distributed(env: DistEnv, device: torch.device, rendezvous_timeout_s: i
                                timeout=datetime.timedelta(seconds=collective_timeout_s))
 
 
+def zero_config(stage: int, overlap_comm: bool, bucket_size: int) -> dict[str, Any]:
+    """The ``zero_optimization`` section: the stage, and how its gradient reduction is cut
+    into buckets and overlapped with the backward (DeepSpeed 0.19, runtime/zero/config.py and
+    stage_1_and_2.py; https://www.deepspeed.ai/docs/config-json/#zero-optimizations).
+
+    DeepSpeed's defaults are ``overlap_comm`` off for stages 1-2 (on for 3) and buckets of 5e8
+    elements, larger than ViT-B's whole MAE model (~112M parameters with its decoder): every
+    gradient waits in one bucket whose all-reduce starts after the backward has finished, and
+    ``contiguous_gradients`` allocates that bucket whole (5e8 fp32 = 2 GB per GPU). With
+    ``overlap_comm`` each full bucket is reduced on a side stream while the backward computes
+    the next (stage 2: every micro-batch, the gradients being partitioned; stage 1: on the
+    micro-batch that ends an accumulation); it double-buffers, 2 x ``bucket_size`` elements.
+    ``bucket_size`` = 2.5e7 (100 MB fp32): ViT-B's gradients come in ~5 buckets, so only the
+    last one's all-reduce is left after the backward; each still moves 100 MB (4x PyTorch DDP's
+    default 25 MB bucket, whose purpose is the same overlap), and the two buffers take 200 MB
+    instead of the default's 2 GB. Larger models get more buckets, not larger. The same size bounds
+    ``allgather_bucket_size`` (stages 1-2; with torch's all_gather_into_tensor DeepSpeed 0.19
+    gathers each group in one call and uses it only as a fallback; it must be even, a 4-byte
+    alignment in fp16 elements) and stage 3's ``stage3_prefetch_bucket_size`` (parameters
+    fetched ahead of the forward and backward). Stage 0 has no ZeRO optimizer: the engine
+    all-reduces after the backward and reads none of these keys."""
+    if stage == 0:
+        return {"stage": 0}
+    section = {"stage": stage, "overlap_comm": overlap_comm, "contiguous_gradients": True,
+               "reduce_bucket_size": bucket_size}
+    if stage == 3:
+        section["stage3_prefetch_bucket_size"] = bucket_size
+    else:
+        section["allgather_bucket_size"] = bucket_size + bucket_size % 2
+    return section
+
+
 def ds_config(train_cfg, world_size: int) -> dict[str, Any]:
-    """DeepSpeed JSON config from the ``train`` section."""
+    """DeepSpeed JSON config from a training budget (``hpc_mim.train.loop.Budget``) or the
+    ``train`` section: batch sizes, accumulation, clipping, ZeRO (``zero_config``), precision."""
     return {
         "train_batch_size": train_cfg.batch_size,
         "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
         "gradient_accumulation_steps": train_cfg.accumulation(world_size),
         "gradient_clipping": train_cfg.clip_grad,
-        "zero_optimization": {"stage": train_cfg.zero_stage},
+        "zero_optimization": zero_config(train_cfg.zero_stage, train_cfg.zero_overlap_comm,
+                                         train_cfg.zero_bucket_size),
         "torch_autocast": {"enabled": train_cfg.precision == "bf16", "dtype": "bfloat16",
                            "lower_precision_safe_modules": []},  # fp32 gradient all-reduce
         "zero_allow_untested_optimizer": True,   # torch AdamW under ZeRO: fine, see module doc

@@ -12,6 +12,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:                   # torch stays unimported in the launcher until the entry needs it
+    import torch
 
 
 @dataclass
@@ -27,17 +32,95 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def export(self) -> None:
-        """Write the torchrun-style variables that torch.distributed / DeepSpeed read."""
+    def export(self, device: torch.device | None = None) -> None:
+        """Write the torchrun-style variables that torch.distributed / DeepSpeed read.
+
+        ``device``: this process's device once chosen (``training_device``). DeepSpeed reads
+        ``LOCAL_RANK`` as the CUDA ordinal to drive, not as a position among the node's tasks
+        (its ``comm.get_local_rank`` says "local rank (= GPU device ID)"). In DeepSpeed 0.19:
+
+        - ``runtime/engine.py`` ``_configure_with_arguments``: ``self.local_rank =
+          int(os.environ['LOCAL_RANK'])``, then ``_set_distributed_vars``:
+          ``get_accelerator().set_device(self.local_rank)`` and ``self.device`` (no ``args`` of
+          ours carries a ``device_rank``, so that is the only source);
+        - ``comm/torch.py`` ``init_process_group``: ``device_id`` from ``LOCAL_RANK`` (only when
+          DeepSpeed creates the group; ``init_distributed`` here makes it first);
+        - ``runtime/zero/partition_parameters.py`` (``zero.Init``'s ``local_device``) and
+          ``runtime/zero/utils.py`` (``assert_lst_len_same_as_other_ranks``,
+          ``get_lst_from_rank0``): ``device_name(os.environ["LOCAL_RANK"])``;
+        - ``comm/utils.py`` ``get_local_rank_from_launcher`` (``dist.get_local_rank``).
+
+        With every GPU of the node visible the ordinal is the local rank, as torchrun has it;
+        with one GPU bound per task (``--gpus-per-task=1``, ``--gpu-bind``) it is 0 on every
+        task, and a ``LOCAL_RANK`` of 5 would make DeepSpeed call ``set_device(5)``: "invalid
+        device ordinal". So with a CUDA ``device`` we export its index, and the true local
+        rank stays in ``self.local_rank``. Re-reading the variables (``detect``) then gives
+        the ordinal as local rank, which ``cuda_index`` maps to the same device again. Without
+        a device (the launcher, before torch is imported), or on the CPU, the local rank."""
+        local = self.local_rank
+        if device is not None and device.type == "cuda" and device.index is not None:
+            local = device.index
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
-                          LOCAL_RANK=str(self.local_rank), LOCAL_WORLD_SIZE=str(self.local_world_size),
+                          LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(self.local_world_size),
                           MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
 
 
-def port_for_job(job_id: str | int) -> int:
-    """A port that differs between concurrent jobs but agrees between a job's tasks."""
+# Rendezvous ports: [10000, 32768), just below Linux's default ephemeral range. The kernel
+# hands ports of net.ipv4.ip_local_port_range (default 32768-60999) to every outgoing
+# connection and to every bind(port 0) (NCCL's and gloo's own sockets, other users' clients):
+# a rendezvous port drawn from that range is now and then taken by one of them ("address
+# already in use"). Every task computes the port on its own node, so it must not depend on
+# that node: it is a function of the job id and this fixed window alone as long as the
+# node's range leaves the window free, which the default and the IANA range (49152-65535)
+# both do. Only a node whose range reaches below 32768 narrows the window (see
+# ``rendezvous_ports``); the nodes of a cluster share their sysctl settings.
+PORT_WINDOW = (10_000, 32_768)                   # [low, high)
+LINUX_EPHEMERAL = (32_768, 60_999)               # net.ipv4.ip_local_port_range's default
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+# services that may listen on a compute node inside the window
+SERVICE_PORTS = frozenset({
+    10050, 10051,                                # Zabbix agent / server
+    11211,                                       # memcached
+    15672, 25672,                                # RabbitMQ management / inter-node
+    27017, 27018, 27019,                         # MongoDB
+    29400,                                       # torchrun's c10d rendezvous default
+    29500,                                       # torch.distributed's default MASTER_PORT
+})
+
+
+def ephemeral_port_range(path: str = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """This node's ephemeral ports (first, last, inclusive); Linux's default where the file
+    cannot be read (not Linux, a sandbox without /proc)."""
+    try:
+        with open(path) as f:
+            first, last = (int(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return LINUX_EPHEMERAL
+    return first, last
+
+
+@lru_cache(maxsize=4)
+def rendezvous_ports(ephemeral: tuple[int, int]) -> tuple[int, ...]:
+    """The ports a job may rendezvous on, given the node's ephemeral range: the window minus
+    the ephemeral range and the services' ports; if the range covers the whole window, any
+    unprivileged port outside it; if it covers them all, the window (nothing is safe then)."""
+    first, last = ephemeral
+    outside = lambda p: not first <= p <= last and p not in SERVICE_PORTS     # noqa: E731
+    for candidates in (range(*PORT_WINDOW), range(1024, 65536)):
+        ports = tuple(p for p in candidates if outside(p))
+        if ports:
+            return ports
+    return tuple(p for p in range(*PORT_WINDOW) if p not in SERVICE_PORTS)
+
+
+def port_for_job(job_id: str | int, ephemeral: tuple[int, int] | None = None) -> int:
+    """A port that differs between concurrent jobs, agrees between a job's tasks, and lies
+    outside the ephemeral range (``ephemeral``, default: this node's, see PORT_WINDOW).
+    Consecutive job ids get consecutive ports, so two jobs collide only when their ids differ
+    by a multiple of the window's ~22,750 ports and they share a first node."""
     digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
-    return 20000 + int(digits) % 20000
+    ports = rendezvous_ports(ephemeral or ephemeral_port_range())
+    return ports[int(digits) % len(ports)]
 
 
 def job_port(launcher_job_id: str) -> int:

@@ -26,10 +26,19 @@ from hpc_mim.models.adaln import AdaLNBlock, TimestepEmbedder, modulate, run_blo
 _norm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix: int = 1) -> torch.Tensor:
-    """(1, P + gh*gw, dim) fixed sin-cos embedding; the P cls slots are zeros, as in MAE."""
-    pos = build_sincos2d_pos_embed(list(grid), dim=dim)                     # (gh*gw, dim)
-    return torch.cat([torch.zeros(num_prefix, dim), pos], dim=0).unsqueeze(0)
+def sincos_pos_embed(grid: tuple[int, int], dim: int, num_prefix: int = 1,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """(1, P + gh*gw, dim) fp32 fixed sin-cos embedding; the P cls slots are zeros, as in MAE.
+    Computed on ``device`` (default the CPU)."""
+    pos = build_sincos2d_pos_embed(list(grid), dim=dim, device=device)      # (gh*gw, dim)
+    return torch.cat([torch.zeros(num_prefix, dim, device=device), pos], dim=0).unsqueeze(0)
+
+
+# At most this many other grids' tables per encoder, the oldest dropped first. Segmentation
+# needs one (its crop), detection one per padded batch shape (longest side 1024 px, the other
+# a multiple of 32 px: up to 64 shapes, ~12 MB each for ViT-B): a miss costs a few small
+# kernels on the device, a table held costs memory, so a few.
+POS_CACHE_SIZE = 8
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -78,6 +87,12 @@ class ViTEncoder(nn.Module):
         # keeps exported weights independent of the image size.
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid, embed_dim, num_cls_tokens),
                              persistent=False)
+        # sin-cos tables of other grids (dense evaluations: 512 px crops, padded detection
+        # inputs), built on the device once per (grid, device, dtype), where every forward
+        # built one on the CPU (~0.1 s for 64 x 48 x 768) and copied it over (a host sync).
+        # A plain dict, not buffers: outside state_dict() and checkpoints; emptied whenever
+        # the module moves or is cast (``_apply``), so it holds no stale copy.
+        self._pos_cache: dict[tuple[tuple[int, int], torch.device, torch.dtype], torch.Tensor] = {}
         self.pos_embed_learned = None
         if pos_embed == "learned":                                           # (1, L, D)
             self.pos_embed_learned = nn.Parameter(
@@ -134,13 +149,30 @@ class ViTEncoder(nn.Module):
         7 x 7 range and change the apparent scale)."""
         grid = self.grid_of(hw)
         if self.pos_embed_learned is not None:
+            # resampled every call, never cached: the result is a function of a Parameter that
+            # the optimizer changes each step and the gradient must flow back through
             pos = self.pos_embed_learned
             if grid != tuple(self.grid):
                 pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
             return torch.cat([pos.new_zeros(1, self.num_prefix, self.embed_dim), pos], dim=1)
         if grid == tuple(self.grid):
             return self.pos_embed
-        return sincos_pos_embed(grid, self.embed_dim, self.num_prefix).to(self.pos_embed)
+        key = (grid, self.pos_embed.device, self.pos_embed.dtype)
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            with torch.inference_mode(False):    # first made under inference mode: still usable
+                pos = sincos_pos_embed(grid, self.embed_dim, self.num_prefix,
+                                       device=self.pos_embed.device).to(self.pos_embed.dtype)
+            if len(self._pos_cache) >= POS_CACHE_SIZE:
+                self._pos_cache.pop(next(iter(self._pos_cache)))
+            self._pos_cache[key] = pos
+        return pos
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.bfloat16()`` and the like (DeepSpeed moves the module
+        this way too): the cached tables were made for the old device and dtype."""
+        self._pos_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def group_matcher(self, coarse: bool = False, prefix: str = "") -> dict[str, Any]:
         """timm's parameter grouping (used by ``timm.optim.param_groups_layer_decay``): the

@@ -6,8 +6,9 @@ What the loop owns, identically for all of them:
 
 - DeepSpeed (through hpc_mim.distributed.deepspeed): ZeRO stage, bf16 autocast with fp32
   weights, gradient accumulation, clipping.
-- Checkpoints every ``Budget.checkpoint_every`` steps and at each epoch's end
-  (hpc_mim/train/checkpoint.py: atomic, keep-last-k) holding the weights, the optimizer, the
+- Checkpoints every ``Budget.checkpoint_every`` steps, on a stop signal and at the end, never
+  more often (an ImageNet epoch is 10-30 s on 64 GPUs: a save per epoch would cost more than
+  the training) (hpc_mim/train/checkpoint.py: atomic, keep-last-k) holding the weights, the optimizer, the
   data position (epoch, micro-batch) and every rank's RNG states (CPU, numpy, python, CUDA).
   The tasks' data order and augmentation are functions of (seed, epoch, sample), so a resumed
   run continues exactly as an uninterrupted one would (bit-identical on CPU in fp32 at the same
@@ -19,6 +20,9 @@ What the loop owns, identically for all of them:
   (``agree``) and one per ``log_every``; flushed to MLflow before a checkpoint is published.
   With ``eval_every`` the task's evaluation runs every that many steps and at the end
   (``val/<metric>`` at that step: the curve, not only the final figure).
+- A progress watchdog (hpc_mim/distributed/watchdog.py) on every rank: no optimizer step for
+  ``Budget.stall_timeout_min`` (or 10x the longest step seen) and the job ends with every
+  thread's stack in its log, to be requeued once.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from torch import nn
 
 from hpc_mim.distributed import deepspeed as ds
 from hpc_mim.distributed.preemption import STOP, Preempted
+from hpc_mim.distributed.watchdog import ProgressWatchdog
 from hpc_mim.tracking import MLflowLogger
 from hpc_mim.train.checkpoint import CheckpointManager
 from hpc_mim.train.process import Process, rng_state, set_rng_state
@@ -43,7 +48,8 @@ class Budget:
     """How long and in what batches a task trains, and how it is checkpointed and logged.
     ``steps`` > 0: exactly that many optimizer steps (the dense protocols count iterations),
     else ``epochs`` x steps per epoch, at most ``max_steps``. DeepSpeed reads ``batch_size``, ``micro_batch_size``,
-    ``accumulation``, ``clip_grad``, ``zero_stage`` and ``precision``."""
+    ``accumulation``, ``clip_grad``, ``zero_stage``, ``zero_overlap_comm``, ``zero_bucket_size``
+    and ``precision``."""
     batch_size: int                     # global, per optimizer step
     micro_batch_size: int               # per process per forward
     epochs: int = 1
@@ -51,11 +57,14 @@ class Budget:
     max_steps: int = 0                  # > 0 caps epochs x steps per epoch (quick runs)
     precision: str = "fp32"
     zero_stage: int = 2
+    zero_overlap_comm: bool = True      # ZeRO's gradient reduction overlapped with the backward
+    zero_bucket_size: int = 25_000_000  # elements per reduce / all-gather bucket (train.zero_*)
     clip_grad: float = 0.0
     log_every: int = 20
     checkpoint_every: int = 500
     keep_last: int = 2
     eval_every: int = 0                 # 0: evaluate at the end only
+    stall_timeout_min: float = 20.0     # the watchdog's shortest timeout (cluster.stall_timeout_min)
 
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -126,7 +135,7 @@ class TrainLoop:
             self.total_steps = min(self.total_steps, budget.max_steps)
         self.scheduler = task.scheduler(self.optimizer, self.total_steps, self.steps_per_epoch)
         self.ckpt = CheckpointManager(checkpoints, budget.keep_last, self.env.is_main,
-                                      barrier=dist.barrier)
+                                      barrier=dist.barrier, rank=self.env.rank)
         self.last_metrics: dict[str, float] = {}      # the last logged training metrics
 
     # ------------------------------------------------------------------ loop
@@ -142,9 +151,10 @@ class TrainLoop:
                  f"ZeRO-{b.zero_stage} {b.precision}, peak lr {self.peak_lr():.3g}, "
                  f"{self.proc.threads} threads/rank")
         per_epoch = self.steps_per_epoch * self.accum          # micro-batches; the rest is dropped
-        with STOP.polled():
-            self.loop(epoch, skip, step, per_epoch)
-        final = self.evaluate(self.total_steps)
+        with ProgressWatchdog(b.stall_timeout_min * 60, log=self.log) as self.watchdog:
+            with STOP.polled():
+                self.loop(epoch, skip, step, per_epoch)
+            final = self.evaluate(self.total_steps)
         return final or self.last_metrics
 
     def loop(self, epoch: int, skip: int, step: int, per_epoch: int) -> None:
@@ -155,6 +165,7 @@ class TrainLoop:
         zeros = lambda: torch.zeros(len(self.term_names), device=self.device)  # noqa: E731
         window_sum, step_sum = zeros(), zeros()      # loss terms summed over the window / step
         tic, seen, window = time.time(), 0, 0
+        started = False                          # made an optimizer step in this process
         self.engine.train()
         while step < self.total_steps:
             done = skip                          # resumed mid-epoch: same order, done ones skipped
@@ -173,6 +184,8 @@ class TrainLoop:
                 step, window = step + 1, window + 1
                 self.task.after_step(self.engine, step / self.total_steps)
                 signal_name, finite = self.agree(step_sum[0])
+                self.watchdog.beat(step, measure=started)   # the first includes the start-up
+                started = True
                 if not finite:                   # before any save: the last checkpoint stays good
                     self.stop_non_finite(step, epoch, step_sum)
                 window_sum += step_sum
@@ -183,18 +196,19 @@ class TrainLoop:
                     window_sum, tic, seen, window = zeros(), time.time(), 0, 0
                 if b.eval_every and step % b.eval_every == 0 and step < self.total_steps:
                     self.evaluate(step)          # before the checkpoint: a resume never skips it
+                    self.watchdog.beat()
                     tic = time.time()
-                at_end = done >= per_epoch       # the save after the loop covers an epoch's end
-                saved = step % b.checkpoint_every == 0 and not at_end and step < self.total_steps
+                # where a resume continues: the next epoch once this one's batches are done
+                position = (epoch + 1, 0) if done >= per_epoch else (epoch, done)
+                at_end = step >= self.total_steps
+                saved = step % b.checkpoint_every == 0 or at_end or bool(signal_name)
                 if saved:
-                    self.save(epoch, done, step)
-                if signal_name and step < self.total_steps:     # at the very end: just finish
-                    if not saved:
-                        self.save(*((epoch + 1, 0) if at_end else (epoch, done)), step)
+                    self.save(*position, step)
+                    self.watchdog.beat()
+                if signal_name and not at_end:   # at the very end: just finish
                     self.log(f"{signal_name} at step {step}: checkpoint saved, stopping")
                     raise Preempted(signal_name, step)
             epoch, skip = (epoch + 1, 0) if done >= per_epoch else (epoch, done)
-            self.save(epoch, skip, step)         # epoch boundary, or where the budget stopped us
 
     # ------------------------------------------------------------------ pieces
     def peak_lr(self) -> float:

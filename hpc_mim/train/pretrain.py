@@ -4,7 +4,7 @@ Reads everything from the run directory (written by jobs/submit.py), resumes fro
 checkpoint if there is one, and keeps logging into the same MLflow run across restarts (tag
 ``restarts``). The run ends FINISHED; FAILED with the error as a tag (the chained evaluations
 then never start); or KILLED with a ``stopped`` tag when a scheduler signal stopped it after a
-checkpoint (it turns RUNNING again when the requeued job starts).
+checkpoint or it lost a peer (it turns RUNNING again when the requeued job starts).
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import time
 
 from hpc_mim.config import read_config
 from hpc_mim.distributed.env import detect
-from hpc_mim.distributed.preemption import STOP, Preempted
+from hpc_mim.distributed.outcome import mlflow_end
+from hpc_mim.distributed.preemption import STOP
 from hpc_mim.rundir import RunDir
 from hpc_mim.tracking import MLflowLogger
 from hpc_mim.train.trainer import Trainer
@@ -47,15 +48,12 @@ def main(run_dir: str) -> dict[str, float]:
         logger.set_tags({"restarts": count_start(run)})
     try:
         metrics = Trainer(cfg, run, logger=logger).fit()
-    except Preempted as e:
-        if logger:
-            logger.set_tags({"stopped": str(e)})
-            logger.finish("KILLED")
-        raise
     except BaseException as e:
         if logger:
-            logger.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
-            logger.finish("FAILED")
+            status, tag, text = mlflow_end(e)
+            with STOP.polled():     # srun's SIGTERM (another rank failed) must not cut this short
+                logger.set_tags({tag: text})
+                logger.finish(status)
         raise
     if logger:
         for artifact in (run.config, run.encoder, run.pretrain_log):

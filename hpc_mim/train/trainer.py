@@ -94,8 +94,10 @@ class Trainer(TrainLoop):
         task = PretrainTask(cfg, proc.env.world_size, proc.device)
         budget = Budget(t.batch_size, t.micro_batch_size, epochs=t.epochs, max_steps=t.max_steps,
                         precision=t.precision,
-                        zero_stage=t.zero_stage, clip_grad=t.clip_grad, log_every=t.log_every,
-                        checkpoint_every=cfg.checkpoint.every_steps, keep_last=cfg.checkpoint.keep_last)
+                        zero_stage=t.zero_stage, zero_overlap_comm=t.zero_overlap_comm,
+                        zero_bucket_size=t.zero_bucket_size, clip_grad=t.clip_grad, log_every=t.log_every,
+                        checkpoint_every=cfg.checkpoint.every_steps, keep_last=cfg.checkpoint.keep_last,
+                        stall_timeout_min=cfg.cluster.stall_timeout_min)
         super().__init__(task, budget, run.checkpoints, proc, logger, run.pretrain_log)
 
     def fit(self) -> dict[str, float]:

@@ -1,13 +1,21 @@
+import os
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from pycocotools.coco import COCO
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from data_prep.scenes import generate
 from evaluation.dense_heads import SimpleFeaturePyramid
-from evaluation.detection import Detector, coco_metrics, to_coco_results
+from evaluation.detection import DetectionTask, Detector, coco_metrics, to_coco_results
 from hpc_mim.config import load_config
 from hpc_mim.data.dense import coco_detection, coco_of, collate_pairs, has_masks, num_categories
+from hpc_mim.distributed.env import free_port
 from hpc_mim.models.vit import ViTEncoder
 
 SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -93,3 +101,116 @@ def test_mask_rcnn_on_the_vit_trains_and_predicts(scenes):
     with torch.no_grad():
         out = model(images)
     assert out[0]["masks"].shape[1:] == (1, 64, 64) and out[0]["boxes"].shape[1] == 4
+
+
+def small_detector() -> Detector:
+    s = load_config("mae", "smoke").eval.detection
+    enc = ViTEncoder(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    return Detector(enc, 11, s, [0.5] * 3, [0.25] * 3, masks=True)
+
+
+def test_under_bf16_autocast_only_the_backbone_is_bf16(scenes):
+    """bf16 has 8 bits of mantissa: boxes at 512-1024 px would sit on a 4-8 px grid. Under the
+    loop's bf16 autocast the ViT runs in bf16, and anchors, proposals, losses and boxes in fp32."""
+    torch.manual_seed(0)
+    model = small_detector()
+    ds = coco_detection(scenes / "coco", "train", train=True)
+    images, targets = collate_pairs([ds[i] for i in range(2)])
+    targets = [{k: v for k, v in t.items() if k != "image_id"} for t in targets]
+    seen: dict[str, list[torch.dtype]] = {"qkv": [], "anchors": [], "proposals": []}
+    model.rcnn.backbone.encoder.blocks[0].attn.qkv.register_forward_hook(
+        lambda m, i, o: seen["qkv"].append(o.dtype))
+    model.rcnn.rpn.register_forward_hook(
+        lambda m, i, o: seen["proposals"].extend(p.dtype for p in o[0]))
+    original = AnchorGenerator.forward
+
+    def anchors(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen["anchors"].extend(a.dtype for a in out)
+        return out
+
+    AnchorGenerator.forward = anchors
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+            model.eval()
+            with torch.no_grad():
+                out = model(images)
+    finally:
+        AnchorGenerator.forward = original
+    assert seen["qkv"] == [torch.bfloat16] * 2                  # the backbone follows autocast
+    assert set(seen["anchors"]) == set(seen["proposals"]) == {torch.float32}
+    assert len(seen["anchors"]) == len(seen["proposals"]) == 4  # 2 images, train and eval
+    assert {k: v.dtype for k, v in losses.items()} == dict.fromkeys(losses, torch.float32)
+    assert model.rcnn.backbone.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    boxes = torch.cat([o["boxes"] for o in out])
+    assert len(boxes) > 10 and boxes.dtype == out[0]["scores"].dtype == torch.float32
+    # computed in fp32: most coordinates are not on bf16's grid (steps of 0.25 at 32-64 px)
+    assert (boxes != boxes.bfloat16().float()).float().mean() > 0.5
+
+
+# ------------------------------------------------------------------ evaluation over two ranks
+
+class GroundTruthModel(nn.Module):
+    """Predicts each validation image's own annotations (recognised by its pixels), with the
+    boxes of odd image ids shifted by half their size: an AP between 0 and 100 that depends on
+    every image's results."""
+
+    def __init__(self, val_set) -> None:
+        super().__init__()
+        self.targets = {image.numpy().tobytes(): target for image, target in val_set}
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outputs = []
+        for image in images:
+            t = self.targets[image.numpy().tobytes()]
+            boxes = t["boxes"].as_subclass(torch.Tensor).float()        # a tv_tensor, whole pixels
+            if t["image_id"] % 2:
+                boxes += (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) / 2
+            outputs.append({"boxes": boxes, "labels": t["labels"], "scores": torch.ones(len(boxes)),
+                            "masks": t["masks"].as_subclass(torch.Tensor)[:, None].float()})
+        return outputs
+
+
+def detection_task(root, rank: int, world: int) -> tuple[DetectionTask, nn.Module]:
+    s = load_config("mae", "smoke").eval.detection
+    ctx = SimpleNamespace(section=s, device=torch.device("cpu"), info={"mean": [0.5] * 3, "std": [0.25] * 3},
+                          proc=SimpleNamespace(env=SimpleNamespace(rank=rank, world_size=world)),
+                          cfg=SimpleNamespace(train=SimpleNamespace(seed=0), data=SimpleNamespace(num_workers=0)))
+    train_set = coco_detection(root / "coco", "train", train=True)
+    val_set = coco_detection(root / "coco", "val", train=False)
+    enc = ViTEncoder(img_size=28, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    return DetectionTask(ctx, enc, train_set, val_set, masks=True), GroundTruthModel(val_set)
+
+
+def evaluation_worker(rank: int, port: int, root, out: dict) -> None:
+    import evaluation.detection as detection
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    scored = []
+    original = detection.coco_metrics
+
+    def counted(coco, results, iou_types, image_ids=None):
+        scored.append(sorted(image_ids))
+        return original(coco, results, iou_types, image_ids)
+
+    detection.coco_metrics = counted
+    task, model = detection_task(root, rank, 2)
+    out[rank] = (task.evaluate(model), scored)
+    dist.destroy_process_group()
+
+
+def test_rank_0_alone_scores_every_image_and_every_rank_gets_its_metrics(scenes):
+    """COCOeval runs once, on rank 0, over the results of both ranks' shards; the metrics it
+    broadcasts are those of one process evaluating every image."""
+    out = mp.Manager().dict()
+    mp.spawn(evaluation_worker, args=(free_port(), scenes, out), nprocs=2, join=True)
+    task, model = detection_task(scenes, 0, 1)
+    alone = task.evaluate(model)
+    all_ids = sorted(task.coco.getImgIds())
+    assert len(all_ids) == 6
+    assert out[0][1] == [all_ids] and out[1][1] == []          # scored once, by rank 0
+    assert out[0][0] == out[1][0] == alone
+    assert alone["mask_ap"] == pytest.approx(100.0) and 10 < alone["box_ap"] < 90

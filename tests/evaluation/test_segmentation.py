@@ -1,10 +1,15 @@
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from evaluation.dense_heads import UperNetHead, default_blocks, rescale
 from evaluation.segmentation import Segmenter, confusion_matrix, segmentation_metrics, slide_logits
 from hpc_mim.data.dense import IGNORE
+from hpc_mim.distributed.env import free_port
 from hpc_mim.models.vit import ViTEncoder
 
 
@@ -64,3 +69,83 @@ def test_segmenter_predicts_every_pixel_and_reads_the_chosen_blocks():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 11, 32, 32)   # 8x8 tokens at 32 px
     head = UperNetHead(32, 16, 11).eval()                                  # x4 .. x0.5
     assert head([torch.randn(1, 32, 8, 8)] * 4).shape == (1, 11, 32, 32)
+
+
+# ------------------------------------------------------------------ synced BatchNorm over ranks
+
+DIM, CHANNELS, CLASSES, GRID = 8, 6, 3, 8          # 8 x 8 tokens: maps 32, 16, 8, 4 px
+
+
+def head_and_batch(batch: int) -> tuple[UperNetHead, list[torch.Tensor], torch.Tensor]:
+    """The same head on every process (seeded), four block maps (batch, DIM, GRID, GRID) whose
+    means and scales differ per channel, and the weights of a linear loss on the logits."""
+    torch.manual_seed(0)
+    head = UperNetHead(DIM, CHANNELS, CLASSES).train()
+    head.dropout.p = 0.0                           # Dropout2d would draw differently per rank
+    g = torch.Generator().manual_seed(1)
+    shift = torch.randn(1, DIM, 1, 1, generator=g) * 2
+    blocks = [torch.randn(batch, DIM, GRID, GRID, generator=g) * (i + 1) + shift for i in range(4)]
+    weight = torch.randn(batch, CLASSES, 4 * GRID, 4 * GRID, generator=g)
+    return head, blocks, weight
+
+
+def run_head(head: UperNetHead, blocks: list[torch.Tensor], weight: torch.Tensor) -> dict:
+    """Logits, input and parameter gradients of sum(logits * weight), and every BatchNorm's
+    running statistics after the step."""
+    blocks = [b.clone().requires_grad_(True) for b in blocks]
+    logits = head(blocks)
+    (logits * weight).sum().backward()
+    norms = [m for m in head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return {"logits": logits.detach(), "input_grads": [b.grad for b in blocks],
+            "param_grads": {k: p.grad for k, p in head.named_parameters()},
+            "running": [(m.running_mean.clone(), m.running_var.clone()) for m in norms]}
+
+
+# global batch, and the tolerance relative to each tensor's largest value (at least 1: a bias
+# before a BatchNorm has a zero gradient, but for rounding): with two values per channel in
+# all, the pooled branch's BatchNorm outputs ~+-1 and its input gradient is a difference of
+# nearly equal terms (zero but for eps) scaled by 1 / std: rounding shows at 1e-4
+CASES = {"2 images per rank": (4, 1e-4), "1 image per rank": (2, 1e-3)}
+
+
+def upernet_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    for name, (batch, _) in CASES.items():
+        head, blocks, weight = head_and_batch(batch)
+        mine = slice(rank * batch // 2, (rank + 1) * batch // 2)       # this rank's half
+        out[(rank, name)] = run_head(head, [b[mine] for b in blocks], weight[mine])
+    dist.destroy_process_group()
+
+
+def test_upernet_batchnorms_over_two_ranks_match_one_process_on_the_whole_batch():
+    """mmsegmentation's SyncBN: two gloo ranks with half a batch each train the head as one
+    process does on the whole batch: the same logits, input gradients, summed parameter
+    gradients (what the gradient all-reduce adds up) and running statistics, on both ranks.
+    With one image per rank the pooled 1 x 1 PPM branch holds one value per channel per rank,
+    where a per-rank BatchNorm raises ("Expected more than 1 value per channel")."""
+    out = mp.Manager().dict()
+    mp.spawn(upernet_worker, args=(free_port(), out), nprocs=2, join=True)
+    for name, (batch, tol) in CASES.items():
+        def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0),
+                                       msg=lambda m: f"{name}, {what}: {m}")
+
+        ref = run_head(*head_and_batch(batch))                          # one process: plain BN
+        r0, r1 = out[(0, name)], out[(1, name)]
+        close(torch.cat([r0["logits"], r1["logits"]]), ref["logits"], "logits")
+        for i, (g0, g1, g) in enumerate(zip(r0["input_grads"], r1["input_grads"], ref["input_grads"])):
+            close(torch.cat([g0, g1]), g, f"gradient of block map {i}")
+        assert r0["param_grads"].keys() == ref["param_grads"].keys()
+        for k, g in ref["param_grads"].items():
+            close(r0["param_grads"][k] + r1["param_grads"][k], g, f"gradient of {k}")
+        assert len(ref["running"]) == 13                 # 1 in the x4 rescale + 12 ConvModules
+        for i, ((m0, v0), (m1, v1), (m, v)) in enumerate(zip(r0["running"], r1["running"], ref["running"])):
+            assert torch.equal(m0, m1) and torch.equal(v0, v1)        # every rank evaluates alike
+            close(m0, m, f"running mean {i}")
+            close(v0, v, f"running var {i}")
+    # and a single process with one image is still plain BatchNorm, which refuses it
+    head, blocks, _ = head_and_batch(1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        head(blocks)

@@ -114,6 +114,56 @@ def test_nccl_world_of_one_and_of_two_gpus(device):
         mp.spawn(all_reduce_worker, args=(port,), nprocs=2, join=True)
 
 
+DEVICE_BINDING_RUN = r"""
+import json, os
+import torch
+from hpc_mim.config import TrainConfig
+from hpc_mim.distributed import deepspeed as ds
+from hpc_mim.train.process import join
+proc = join()                                  # detect(): RANK, LOCAL_RANK, ... from the environment
+model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
+model.to(proc.device)
+engine = ds.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                       TrainConfig(batch_size=4, micro_batch_size=4, zero_stage=2), world_size=1)
+loss = engine(torch.randn(4, 64, device=proc.device)).square().mean()
+engine.backward(loss)                          # ZeRO-2's buckets live on DeepSpeed's device
+engine.step()
+print("REPORT " + json.dumps({"project": str(proc.device), "engine": str(engine.device),
+                              "current": torch.cuda.current_device(), "local_rank": proc.env.local_rank,
+                              "LOCAL_RANK": os.environ["LOCAL_RANK"],
+                              "params": sorted({str(p.device) for p in engine.module.parameters()})}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("binding", ["one GPU per task", "all GPUs visible"])
+def test_deepspeed_engine_drives_the_gpu_the_project_chose(binding):
+    """A task of local rank > 0 whose SLURM binding shows it one GPU (index 0 for it) builds a
+    ZeRO-2 engine and steps on that GPU; DeepSpeed reads LOCAL_RANK as the device ordinal, and
+    an exported local rank of 3 was "invalid device ordinal". With all GPUs visible the task
+    drives the one of its local rank."""
+    import json
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if binding == "one GPU per task":
+        local_rank, env_visible, expected = 3, ids[0], 0
+    else:
+        if len(ids) < 2:
+            pytest.skip("one GPU: every local rank > 0 needs a GPU of its own")
+        local_rank, env_visible, expected = len(ids) - 1, ",".join(ids), len(ids) - 1
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": env_visible, "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(max(len(ids), local_rank + 1)),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    r = subprocess.run([sys.executable, "-c", DEVICE_BINDING_RUN], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    report = json.loads(r.stdout.split("REPORT ", 1)[1])
+    device = f"cuda:{expected}"
+    assert report["project"] == report["engine"] == device and report["current"] == expected
+    assert report["params"] == [device]
+    assert report["local_rank"] == local_rank and report["LOCAL_RANK"] == str(expected)
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_bf16_steps_checkpoint_and_exact_resume(method, gpu_data, tmp_path, device):
     from hpc_mim.models.vit import load_encoder
@@ -177,3 +227,72 @@ def test_detection_10_steps_at_1024(mae_run):
         "eval.detection.steps=10", "eval.detection.warmup_steps=2",
         "eval.detection.batch_size=2", "eval.detection.max_val_samples=2"])
     assert 0 <= out["pretrained"]["box_ap"] <= 100 and math.isfinite(out["pretrained"]["train_loss"])
+
+
+def test_gpu_loader_normalises_in_torch_without_cupy(device, tmp_path, monkeypatch):
+    """A real loader on the device: FFCV's NormalizeImage on a GPU tensor would import cupy
+    (which nothing installs), so the uint8 batch is normalised in torch by ``iterate``: float32,
+    channels-last, on the device, equal to the CPU loader's FFCV-normalised batch to float32
+    rounding. Then fine-tuning's batched RandAugment on it, under CUDA's sync debug mode: no
+    host sync."""
+    import numpy as np
+
+    from hpc_mim.data.ffcv_io import build_loader, iterate, write_beton
+    from hpc_mim.data.views import normalize_uint8, rand_augment
+    monkeypatch.setitem(sys.modules, "cupy", None)              # ``import cupy`` now fails
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), i % 4) for i in range(16)]
+    path = str(tmp_path / "tiny.beton")
+    write_beton(path, samples, mode="raw", num_workers=1)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    kw = dict(batch_size=8, img_size=32, mean=mean, std=std, train=False, num_workers=1)
+    on_device = [b["image"].clone() for b in iterate(build_loader(path, device=device, **kw))]
+    on_cpu = [b["image"].clone() for b in iterate(build_loader(path, device="cpu", **kw))]
+    image, reference = on_device[0], on_cpu[0]              # FFCV's NormalizeImage on the CPU
+    assert len(on_device) == len(on_cpu) == 2
+    assert image.device == device and image.dtype == torch.float32
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(image.cpu(), reference, rtol=2e-7, atol=5e-7)
+    if device.type != "cuda":
+        return
+    raw = ((image * torch.tensor(std, device=device).view(1, 3, 1, 1)
+            + torch.tensor(mean, device=device).view(1, 3, 1, 1)) * 255).round().to(torch.uint8)
+    rand_augment(image, mean, std)                               # first call: tables copied once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = rand_augment(image, mean, std, num_ops=2, magnitude=9)
+        again = normalize_uint8(raw.contiguous(memory_format=torch.channels_last), mean, std)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert out.dtype == torch.float32 and out.device == device and torch.isfinite(out).all()
+    torch.testing.assert_close(again, image, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CUDA kernels")
+def test_batched_rand_augment_ops_match_torchvision_per_image_on_the_gpu(device):
+    """On a CPU every batched op equals torchvision's per image to the bit (tests/test_views.py).
+    On a GPU the kernels differ (cuBLAS for the affine grid's bmm, nvcc's fused multiply-adds in
+    torchvision's blends): allowed here, at most 0.1% of the values of an op's output differ
+    (a nearest-neighbour tie decided the other way, a blend truncated on the other side of an
+    integer); the assertion message gives the count."""
+    from torchvision.transforms.v2 import RandAugment
+
+    from hpc_mim.data.randaugment import TORCHVISION, apply_ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=g)
+    x[0] = torch.randint(100, 121, (3, 64, 64), dtype=torch.uint8, generator=g)   # low contrast
+    x[1] = (torch.arange(64).view(64, 1) * 2 + torch.arange(64)).clamp(max=255).to(torch.uint8)
+    x = x.to(device)
+    augment = RandAugment()
+    for k, (name, op) in enumerate(TORCHVISION.items()):
+        table = RandAugment._AUGMENTATION_SPACE[name][0](31, 64, 64)
+        for negative in ((False, True) if op.signed else (False,)):
+            got = apply_ops(x, torch.full((16,), k, device=device),
+                            torch.full((16,), 9.0, dtype=torch.float64, device=device),
+                            torch.full((16,), negative, device=device), TORCHVISION)
+            value = 0.0 if table is None else float(table[9]) * (-1 if negative else 1)
+            expected = torch.stack([augment._apply_image_or_video_transform(
+                img, name, value, interpolation=augment.interpolation, fill=augment._fill) for img in x])
+            wrong = int((got != expected).sum())
+            assert wrong <= 1e-3 * x.numel(), (name, negative, wrong)
