@@ -147,9 +147,13 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     proc = join(cfg.cluster.rendezvous_timeout_s, cfg.cluster.collective_timeout_s)
     params = {name: {**asdict(section), "dataset": dataset}, "seed": cfg.train.seed}
     states = {b: state_folder(run, label, b, params) for b in baselines}
-    results = {b or "pretrained": done for b in baselines if (done := finished(states[b]))}
+    # rank 0 reads what an earlier start finished and every rank follows it: ranks deciding
+    # alone (a stale NFS view on one node) would train different encoders, and their
+    # collectives would never match; rank 0 has read before it writes anything
+    done = [{b: finished(states[b]) for b in baselines} if proc.env.is_main else None]
+    dist.broadcast_object_list(done, src=0)
+    results = {b or "pretrained": metrics for b, metrics in done[0].items() if metrics}
     todo = [b for b in baselines if (b or "pretrained") not in results]
-    dist.barrier()                 # every rank has read what was finished before rank 0 writes
     for b in [b for b in baselines if b not in todo and proc.env.is_main]:
         print(f"[eval] {child_name(label, b)}: finished before this start, metrics in "
               f"{states[b] / 'child.json'}", flush=True)
