@@ -129,7 +129,7 @@ def test_sync_sends_what_a_job_left_in_the_spool(tmp_path, data_root, server):
 def test_a_stop_signal_during_a_tracking_call_is_not_taken_for_an_outage(tmp_path):
     """An evaluation is stopped by raising Preempted from the signal handler, wherever it is.
     When USR2 lands while the logger talks to the store, the stop must reach the job (which
-    then requeues itself), not be caught as "server unreachable" and spooled while the
+    is then requeued), not be caught as "server unreachable" and spooled while the
     evaluation carries on to its end."""
     from hpc_mim import tracking
     from hpc_mim.distributed.preemption import STOP, Preempted

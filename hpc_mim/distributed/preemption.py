@@ -4,7 +4,9 @@ Two signals mean "this job must stop soon":
 
 - ``SIGUSR2``: SLURM's warning before the time limit or a preemption (``--signal=USR2@90``,
   submitit's convention; also ``scancel --signal=USR2``). SLURM does not requeue by itself, so
-  the job requeues itself (``scontrol requeue``) after checkpointing.
+  once every task has checkpointed and exited, the job's batch script requeues it
+  (``scontrol requeue``, jobs/after_tasks.py): a task that requeued by itself could be killed
+  first by srun's ``--kill-on-bad-exit`` when the other tasks exit.
 - ``SIGTERM``: what ``scontrol requeue``, preemption with PreemptMode=REQUEUE and ``scancel``
   send first (then SIGKILL after KillWait, 30 s by default). SLURM decides about the requeue;
   the job only checkpoints and exits. (submitit ignores SIGTERM by default; we do not.)
@@ -15,13 +17,13 @@ checkpoint and raise :class:`Preempted`. Outside it (feature extraction, a final
 :class:`Preempted` is raised at once; the requeued job redoes that part from its checkpoints.
 
 A job killed outright (SIGKILL: OOM killer, ``kill -9``, a node lost) cannot do anything; its
-batch script requeues it (jobs/launcher.py) and it resumes from the last periodic checkpoint.
+batch script requeues it (jobs/after_tasks.py, from the tasks' outcome markers:
+hpc_mim/distributed/outcome.py) and it resumes from the last periodic checkpoint.
 """
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -90,20 +92,3 @@ def ignore_in_worker(worker_id: int = 0) -> None:
     finishing the step and checkpointing. The main process ends the workers itself."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-def requeue_self(max_restarts: int) -> str:
-    """``scontrol requeue`` this SLURM job unless it has been restarted ``max_restarts`` times
-    already. Returns what happened, for the logs."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return "not on SLURM: run the same command again to resume"
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    if restarts >= max_restarts:
-        return f"not requeued: already restarted {restarts} times (cluster.max_restarts)"
-    try:
-        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True,
-                       timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"scontrol requeue {job} failed: {e}"
-    return f"requeued job {job} (restart {restarts + 1} of at most {max_restarts})"

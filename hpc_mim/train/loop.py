@@ -6,13 +6,13 @@ What the loop owns, identically for all of them:
 
 - DeepSpeed (through hpc_mim.distributed.deepspeed): ZeRO stage, bf16 autocast with fp32
   weights, gradient accumulation, clipping.
-- Checkpoints every ``Budget.checkpoint_every`` steps, on a stop signal and at the end, never
-  more often (an ImageNet epoch is 10-30 s on 64 GPUs: a save per epoch would cost more than
-  the training) (hpc_mim/train/checkpoint.py: atomic, keep-last-k) holding the weights, the optimizer, the
-  data position (epoch, micro-batch) and every rank's RNG states (CPU, numpy, python, CUDA).
-  The tasks' data order and augmentation are functions of (seed, epoch, sample), so a resumed
-  run continues exactly as an uninterrupted one would (bit-identical on CPU in fp32 at the same
-  world size).
+- Checkpoints (hpc_mim/train/checkpoint.py: atomic, keep-last-k) every
+  ``Budget.checkpoint_every`` steps, on a stop signal and at the end, never more often (an
+  ImageNet epoch is 10-30 s on 64 GPUs: a save per epoch would cost more than the training),
+  holding the weights, the optimizer, the data position (epoch, micro-batch) and every rank's
+  RNG states (CPU, numpy, python, CUDA). The tasks' data order and augmentation are functions
+  of (seed, epoch, sample), so a resumed run continues exactly as an uninterrupted one would
+  (bit-identical on CPU in fp32 at the same world size).
 - Stop signals (hpc_mim/distributed/preemption.py): after the current step every rank saves
   and ``Preempted`` is raised, so the job requeues; a non-finite loss stops the run before
   anything is saved, naming the step and the last good checkpoint.
