@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from hpc_mim import datasets
+from hpc_mim.config_error import ConfigError  # noqa: F401 - raised here, and imported from here
 from hpc_mim.eval_options import EVAL_KINDS, EvalConfig, parse_entry
 from hpc_mim.methods.options import LatentMIMOptions, LUTOptions, NoisedMIMOptions, UMDOptions
 
@@ -40,10 +41,6 @@ _Loader.add_implicit_resolver(
 
 def yaml_load(text_or_stream: Any) -> Any:
     return yaml.load(text_or_stream, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A bad config key, type or value; the message names the key and where it came from."""
 
 
 @dataclass

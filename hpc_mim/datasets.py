@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from hpc_mim.config_error import ConfigError
+
 KINDS = ("classification", "segmentation", "detection")
 REGISTRY_PATH = Path(__file__).resolve().parent.parent / "configs" / "datasets.yaml"
 
@@ -28,7 +30,6 @@ def load_registry() -> dict[str, dict[str, Any]]:
 
 def dataset_info(name: str, root: str, key: str = "data.dataset") -> dict[str, Any]:
     """Registry entry ``name`` with ``kind`` filled in and its paths made absolute."""
-    from hpc_mim.config import ConfigError  # config imports this module
     registry = load_registry()
     if name not in registry:
         raise ConfigError(f"{key}: unknown dataset {name!r}; configs/datasets.yaml has {sorted(registry)}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from hpc_mim.config_error import ConfigError
+
 # the kind of dataset each evaluation reads (hpc_mim/datasets.py)
 EVAL_KINDS = {"knn": "classification", "linear_probe": "classification",
               "finetune": "classification", "segmentation": "segmentation",
@@ -22,7 +24,6 @@ EVAL_KINDS = {"knn": "classification", "linear_probe": "classification",
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        from hpc_mim.config import ConfigError  # config imports this module
         raise ConfigError(f"eval.{key}: {message}")
 
 
@@ -265,7 +266,6 @@ def parse_entry(entry: str) -> tuple[str, str]:
     """``"linear_probe:cub"`` -> ("linear_probe", "cub"); ``"knn"`` -> ("knn", "")."""
     name, _, dataset = entry.partition(":")
     if name not in EVAL_KINDS:
-        from hpc_mim.config import ConfigError
         raise ConfigError(f"evals: unknown evaluation {name!r} in {entry!r}; choose from "
                           f"{sorted(EVAL_KINDS)}")
     return name, dataset

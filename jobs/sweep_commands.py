@@ -27,6 +27,7 @@ from hpc_mim.config import ConfigError, read_config
 from hpc_mim.rundir import atomic_write_text
 from jobs.launcher import Launcher, resolve_cluster
 from jobs.plan import JobSpec, build_plan, format_plan
+from jobs.runs import check_inputs, check_tracking_store, create_run, tracking_experiment, tracking_uri
 from jobs.status import collect, slurm_state
 from jobs.sweep import SweepSpec
 from jobs.sweep_arrays import (ALIVE, format_arrays, max_array_size, new_record, plan_arrays,
@@ -34,7 +35,6 @@ from jobs.sweep_arrays import (ALIVE, format_arrays, max_array_size, new_record,
 
 
 def submit_sweep(spec: SweepSpec, flags: list[str], cluster: str, dry_run: bool) -> int:
-    from jobs.submit import check_inputs, check_tracking_store, create_run, tracking_experiment, tracking_uri
     try:
         sweep_dir, cells = resolve_cells(spec, flags)
         plans = {cid: build_plan(cfg, str(sweep_dir / cid)) for cid, (_, cfg) in cells.items()}

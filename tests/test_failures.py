@@ -138,7 +138,7 @@ def test_the_watchdog_ends_a_stalled_process_with_its_stacks_and_fails_a_second_
         markers = read_markers(tmp_path, "7", restart)
         assert list(markers) == [kind], markers
     assert "earlier run of the job too" in markers["error"][0][1]
-    assert json.loads((tmp_path / "7.stall.rank0.json").read_text())["step"] == 3
+    assert json.loads((tmp_path / "7.stall.1.rank0.json").read_text())["step"] == 3
 
 
 def test_the_watchdog_sizes_its_timeout_from_the_slowest_step():

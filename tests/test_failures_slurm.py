@@ -1,4 +1,4 @@
-"""What the README's "Nothing lost" table promises for the ways a job ends without finishing,
+"""What docs/nothing-lost.md's table promises for the ways a job ends without finishing,
 on the real local SLURM cluster (2 pretend nodes, one task each): ``scancel`` (SIGTERM, no
 requeue), a job killed on every start (``cluster.max_restarts``) and a non-finite loss on one
 rank only. Checked as the preemption tests check: scontrol state, checkpoints, MLflow."""

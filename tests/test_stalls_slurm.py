@@ -56,11 +56,13 @@ def check_stall(res: dict, what: str) -> None:
     assert info["JobState"] == "FAILED" and info["Restarts"] == "1", (info, logs[-4000:])
     stalls = re.findall(r"\[watchdog\] rank (\d): stalled: no optimizer step for ([\d.]+) min "
                         r"after step (\d+)", logs)
-    # both runs, every rank: its own watchdog, within the timeout plus a minute of its last step
-    assert {(rank, step) for rank, _, step in stalls} == {("0", stalls[0][2]), ("1", stalls[0][2])}, stalls
-    assert sum(rank == "1" for rank, _, _ in stalls) == 2                   # once per run
+    # both runs: the stuck rank's own watchdog, within the timeout plus a minute of its last
+    # step, at the same step. Rank 0 waits for it in a collective: its watchdog fires within a
+    # poll of rank 1's, or it sees its peer gone first (a race either way it ends)
+    assert sum(rank == "1" for rank, _, _ in stalls) == 2, stalls
+    assert len({step for _, _, step in stalls}) == 1, stalls
     assert all(float(idle) < TIMEOUT_MIN + 1 for _, idle, _ in stalls), stalls
-    assert logs.count("(most recent call first)") >= 4                     # faulthandler's stacks
+    assert logs.count("(most recent call first)") >= 2                     # faulthandler's stacks
     assert "requeued job" in logs and "earlier run of the job too: not requeued" in logs, logs[-4000:]
     assert status["state"] == "FAILED" and "stalled" in status["error"], status
     if what == "loader":

@@ -115,7 +115,7 @@ def test_evaluation_resources_default_to_the_paper_protocol_scale_and_are_valida
 # ------------------------------------------------------------------ the MLflow store on a cluster
 
 def test_file_stores_and_servers_are_told_apart():
-    from jobs.submit import is_file_store
+    from jobs.runs import is_file_store
     for uri in ("", "sqlite:////shared/runs/mlflow.db", "file:///shared/mlruns", "/shared/mlruns", "mlruns"):
         assert is_file_store(uri), uri
     for uri in ("http://mlflow-host:5000", "https://mlflow.example.org", "postgresql://u:p@db/mlflow",

@@ -146,26 +146,25 @@ class JobOutcome:
                                     "job while cluster.max_restarts allows")
 
     # ------------------------------------------------------------------ stalls
-    def stall_file(self) -> Path | None:
-        """Where this rank remembers the step of its last stall: kept across restarts (the
-        SLURM job id stays the same when a job is requeued)."""
-        return None if self.folder is None else self.folder / f"{self.job_id}.stall.rank{self.rank}.json"
-
     def stalled_before_at(self, step: int) -> bool:
-        """Whether an earlier run of this job stalled at ``step`` too; remembers this one."""
-        path = self.stall_file()
-        if path is None:
+        """Whether any rank of an earlier run of this job (the SLURM job id stays the same when
+        it is requeued) stalled at ``step``; remembers this rank's stall in this run. Job-wide,
+        not per rank: which rank's watchdog fires first, and whether the others then see a lost
+        peer instead, is a race between ranks whose timeouts end within a poll of each other."""
+        if self.folder is None:
             return False
-        before = None
-        if path.is_file():
+        before = False
+        for path in self.folder.glob(f"{self.job_id}.stall.*.json"):
             try:
-                before = json.loads(path.read_text()).get("step")
+                record = json.loads(path.read_text())
             except (OSError, ValueError):
-                before = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"step": step, "restart": self.restart,
+                continue
+            before |= record.get("restart", self.restart) < self.restart and record.get("step") == step
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.job_id}.stall.{self.restart}.rank{self.rank}.json"
+        path.write_text(json.dumps({"step": step, "restart": self.restart, "rank": self.rank,
                                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        return before == step
+        return before
 
 
 OUTCOME = JobOutcome()

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hpc_mim.config_error import ConfigError
+
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
-        from hpc_mim.config import ConfigError  # config imports this module
         raise ConfigError(f"method.{key}: {message}")
 
 
