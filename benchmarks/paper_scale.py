@@ -177,9 +177,16 @@ def stage_model(stage: str, cfg: Config, run: Path) -> tuple[torch.nn.Module, Ca
         from evaluation.dense_heads import default_blocks
         from evaluation.segmentation import Segmenter
         s = e.segmentation
-        model = Segmenter(encoder, 150, s.channels, s.blocks or default_blocks(encoder.depth), s.rescales)
+        from hpc_mim.models.relpos import add_relative_position
+        if s.rel_pos:               # BEiT's tables on the crop's grid, as the evaluation adds them
+            add_relative_position(encoder, "table", encoder.grid_of((s.crop_size, s.crop_size)))
+        model = Segmenter(encoder, 150, s.channels, s.blocks or default_blocks(encoder.depth), s.rescales,
+                          aux_channels=s.aux_channels if s.aux_weight else 0)
         # mmsegmentation's ADE20K runs: batch 16 = 8 GPUs x 2
-        return model, lambda b: model(torch.randn(b, 3, s.crop_size, s.crop_size)).mean(), max(1, s.batch_size // 8), False
+        def seg_forward(b: int) -> torch.Tensor:        # training: the aux head's logits too
+            out = model(torch.randn(b, 3, s.crop_size, s.crop_size), aux=True)
+            return sum(o.float().mean() for o in out if o is not None)
+        return model, seg_forward, max(1, s.batch_size // 8), False
     from evaluation.detection import Detector
     s = e.detection
     model = Detector(encoder, 11, s, [0.5] * 3, [0.25] * 3, masks=True)

@@ -3,6 +3,7 @@ baseline, label)`` (the job entry); which ones run after pre-training is the con
 EVALUATIONS: dict[str, str] = {
     "knn": "evaluation.knn:main",
     "linear_probe": "evaluation.linear_probe:main",
+    "fewshot": "evaluation.fewshot:main",
     "finetune": "evaluation.finetune:main",
     "segmentation": "evaluation.segmentation:main",
     "detection": "evaluation.detection:main",

@@ -6,7 +6,8 @@ kNN, probe, fine-tuning or dense figures are the same for every method pre-train
 architecture: a sweep of five methods, or a second demo, would otherwise recompute them each
 time. The key hashes everything the result depends on: the encoder's architecture (as exported
 in encoder.pt, so UMD's timestep-conditioned encoder is another key), the evaluation's settings
-and seed, the job's label and dataset manifest, the world size (sharded batches), the torch
+and seed, the job's label, dataset manifest and pixel normalisation (UMD's runs read [-1, 1] pixels:
+``data.normalize``), the world size (sharded batches), the torch
 version and the source of hpc_mim/ and evaluation/ (a code change invalidates every entry).
 Entries live next to the runs that made them: ``<run>/../.baseline_cache/<label>-<key>.json``,
 so the cells of one sweep (``runs/<sweep>/<cell>``) share theirs and plain runs (``runs/<name>``)
@@ -47,9 +48,10 @@ def architecture(run: RunDir, model_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def cache_file(run: RunDir, label: str, params: dict[str, Any], arch: dict[str, Any],
-               dataset_digest: str, world_size: int) -> Path:
+               dataset_digest: str, world_size: int, pixels: tuple[Any, Any] = ((), ())) -> Path:
+    """``pixels``: the (mean, std) the evaluation's loaders normalise with."""
     key = {"label": label, "params": params, "architecture": arch, "dataset": dataset_digest,
-           "world_size": world_size, "torch": torch.__version__, "code": code_digest()}
+           "pixels": [list(pixels[0]), list(pixels[1])], "world_size": world_size, "torch": torch.__version__, "code": code_digest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
     return run.root.parent / ".baseline_cache" / f"{label}-{digest[:16]}.json"
 

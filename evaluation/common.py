@@ -161,7 +161,8 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     cache = None
     if cacheable and "random_init" in todo:
         cache = baseline_cache.cache_file(run, label, params, baseline_cache.architecture(
-            run, asdict(cfg.model)), manifest_sha256(info), proc.env.world_size)
+            run, asdict(cfg.model)), manifest_sha256(info), proc.env.world_size,
+            pixels=(info["mean"], info["std"]))
         found = [baseline_cache.lookup(cache) if proc.env.is_main else None]
         dist.broadcast_object_list(found, src=0)    # every rank must skip it or compute it
         if (hit := found[0]) is not None:

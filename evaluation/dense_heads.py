@@ -12,6 +12,9 @@
   BatchNorm would normalise the pooled 1x1 PPM branch over 2 values per channel (at 16 GPUs over
   1: it raises), and each rank would keep, and evaluate its validation shard with, its own
   running statistics. ``SyncBatchNorm2d`` (hpc_mim/models/heads.py) also runs over gloo on CPU.
+  Convs and classifiers are initialised as mmcv's ConvModule / mmseg's ``conv_seg``.
+- ``FCNHead``: mmseg's auxiliary head of the same configs (one conv-BN-ReLU on one neck map,
+  256 channels), trained alongside UperNet with loss weight 0.4 and dropped at inference.
 - ``SimpleFeaturePyramid`` (ViTDet, Li et al. arXiv 2203.16527): four levels from the last block
   only, each 1x1 + 3x3 convs with LayerNorm, plus a max-pooled extra level for the RPN.
 
@@ -49,13 +52,25 @@ def rescale(dim: int, factor: float, norm: type[nn.Module]) -> nn.Module:
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     """mmcv's ConvModule with SyncBN: (B, cin, h, w) -> (B, cout, h, w); the norm's output is
-    fp32, the ReLU in place on it."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-                         SyncBatchNorm2d(cout), nn.ReLU(inplace=True))
+    fp32, the ReLU in place on it. Initialised as ConvModule does: the conv by
+    ``kaiming_init`` (normal, fan_out, ReLU gain), the norm to weight 1 and bias 0."""
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, SyncBatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """mmseg's ``conv_seg`` (BaseDecodeHead): a 1x1 conv initialised normal(0, 0.01), bias 0."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, 0.0, 0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class UperNetHead(nn.Module):
-    """Four ViT block maps (B, D, h, w) -> class logits (B, num_classes, h * f0, w * f0).
+    """Four ViT block maps (B, D, h, w) -> class logits (B, num_classes, h * f0, w * f0): the
+    rescales (mmseg's Feature2Pyramid neck) then mmseg's UPerHead (pool_scales (1, 2, 3, 6),
+    ``channels`` wide, Dropout2d 0.1 before the classifier, bilinear with align_corners False).
     BatchNorms synced across ranks in training (``SyncBatchNorm2d``), plain in eval mode."""
 
     def __init__(self, dim: int, channels: int, num_classes: int, factors: Sequence[float] = FACTORS,
@@ -69,10 +84,14 @@ class UperNetHead(nn.Module):
         self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in factors[:-1])
         self.fuse = conv_bn_relu(len(factors) * channels, channels, 3)
         self.dropout = nn.Dropout2d(0.1)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.classifier = classifier(channels, num_classes)
 
-    def forward(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        maps = [r(x) for r, x in zip(self.rescales, blocks)]             # finest first
+    def pyramid(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Block maps -> the neck's maps (B, D, h * f, w * f), finest first."""
+        return [r(x) for r, x in zip(self.rescales, blocks)]
+
+    def decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """The neck's maps -> logits at the finest map's size."""
         top = maps[-1]
         pooled = [F.interpolate(p(top), top.shape[-2:], mode="bilinear", align_corners=False)
                   for p in self.ppm]
@@ -86,6 +105,25 @@ class UperNetHead(nn.Module):
         fused = torch.cat([outs[0]] + [F.interpolate(o, size, mode="bilinear", align_corners=False)
                                        for o in outs[1:]], dim=1)
         return self.classifier(self.dropout(self.fuse(fused)))
+
+    def forward(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        return self.decode(self.pyramid(blocks))
+
+
+class FCNHead(nn.Module):
+    """mmseg's auxiliary FCNHead as the BEiT / MAE UperNet configs set it (upernet_mae.py:
+    ``num_convs=1, kernel_size=3, concat_input=False, channels=256, dropout_ratio=0.1``, SyncBN):
+    one neck map (B, D, h, w) -> logits (B, num_classes, h, w), conv-BN-ReLU, Dropout2d, 1x1
+    classifier. Trained with loss weight 0.4 and not used at inference."""
+
+    def __init__(self, dim: int, channels: int, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.convs = conv_bn_relu(dim, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = classifier(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.convs(x)))
 
 
 class SimpleFeaturePyramid(nn.Module):

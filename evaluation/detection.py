@@ -1,20 +1,30 @@
-"""Object detection / instance segmentation transfer: ViTDet (Li et al. arXiv 2203.16527).
+"""Object detection / instance segmentation transfer: ViTDet (Li et al. arXiv 2203.16527), as
+facebookresearch/detectron2 projects/ViTDet configs/COCO/mask_rcnn_vitdet_b_100ep.py runs it.
 
 The backbone runs ViTDet's attention: 14 x 14 token windows, global attention in 4 evenly
-spaced blocks (``attention: global`` keeps every block global, as pre-trained). The last
-block's map is rescaled by ``scale_factors`` (ViTDet's x4, x2, x1, x0.5: strides 4-32
-for ViT-B/16) plus a pooled level by the simple feature pyramid (evaluation/dense_heads.py), and
-the pyramid feeds torchvision's Mask R-CNN, or Faster R-CNN when the annotations have no masks.
-Images are resized so the longest side is ``image_size`` (torchvision's transform, which also
-normalises and pads batches to a multiple of 32; the encoder evaluates its sin-cos position
-embedding on the padded grid). Training: flips, AdamW (0.9, 0.999) with layer-wise lr decay,
-linear warmup, lr x0.1 at 88.9% and 96.3% of the steps (ViTDet's schedule, timm's
-MultiStepLRScheduler). Metrics: COCO box AP / AP50 / AP75 and mask AP from
-pycocotools, every ``eval_every`` iterations and at the end (``val/box_ap`` ...: the curve):
-each rank detects on its shard of the validation images, rank 0 gathers the results, runs
-COCOeval once and broadcasts the metrics. Trained by the one training loop (checkpoints, exact
-resume, NaN stop) on all of the job's ranks. Not reproduced: large-scale jitter and ViTDet's
-relative position biases.
+spaced blocks (``attention: global`` keeps every block global, as pre-trained), with ViTDet's
+decomposed relative positions added to every block's logits, zero-initialised (``rel_pos``;
+hpc_mim/models/relpos.py: windowed blocks' tables sized by the window, global ones' by the
+``image_size`` grid). The last block's map is rescaled by ``scale_factors`` (ViTDet's x4, x2,
+x1, x0.5: strides 4-32 for ViT-B/16) plus a pooled level by the simple feature pyramid
+(evaluation/dense_heads.py), and the pyramid feeds torchvision's Mask R-CNN (Faster R-CNN when
+the annotations have no masks) with ViTDet's heads (evaluation/vitdet_heads.py: 2-conv RPN
+head, 4-conv + 1-fc box head and 4-conv mask head with LayerNorm; ``heads: torchvision`` keeps
+torchvision's defaults). Training images: flip + large-scale jitter (hpc_mim/data/lsj.py: scale
+0.1-2.0 of ``image_size``, ``image_size`` crop; ``lsj: false`` resizes every image to
+``image_size`` instead); evaluation images: longest side resized to ``image_size`` (torchvision's
+transform, which also normalises). Every batch is padded to an ``image_size`` square after
+normalisation (ViTDet's ``square_pad``). Training: AdamW (0.9, 0.999) with layer-wise lr decay
+(the relative position tables in their block's layer), linear warmup, lr x0.1 at 88.9% and
+96.3% of the steps (ViTDet's schedule, timm's MultiStepLRScheduler). Metrics: COCO box AP /
+AP50 / AP75 and mask AP from pycocotools, every ``eval_every`` iterations and at the end
+(``val/box_ap`` ...: the curve): each rank detects on its shard of the validation images, rank
+0 gathers the results, runs COCOeval once and broadcasts the metrics. Trained by the one
+training loop (checkpoints, exact resume, NaN stop) on all of the job's ranks.
+
+Not reproduced from detectron2: its L1 box losses (torchvision: smooth L1, beta 1/9),
+ROIAlignV2 (aligned=True, adaptive sampling; torchvision's MultiScaleRoIAlign: aligned=False,
+sampling ratio 2) and its pixel-space polygon masks (masks here are rasterised at load).
 
 Precision: with ``precision: bf16`` the loop runs the forward under bf16 autocast, and only the
 backbone (ViT + simple feature pyramid) follows it; its maps are cast to fp32 and the R-CNN
@@ -46,16 +56,16 @@ from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.models.detection import FasterRCNN, MaskRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, box_convert
 
+from evaluation import vitdet_heads as heads
 from evaluation.common import EvalContext, encoder_for, parse_args, run_eval
 from evaluation.dense_heads import SimpleFeaturePyramid
 from evaluation.dense_task import DenseTask, to_device
 from evaluation.layer_decay import EncoderModel
 from hpc_mim.data.dense import coco_detection, coco_of, collate_pairs, has_masks, num_categories
+from hpc_mim.models.relpos import add_relative_position, set_grid
 from hpc_mim.models.windows import evenly_spaced, vitdet_features
 
 
@@ -68,15 +78,20 @@ class ViTDetBackbone(nn.Module):
     caller's autocast (which the detector turns off for the R-CNN around this backbone)."""
 
     def __init__(self, encoder: nn.Module, out_channels: int, factors: list[float],
-                 window: int = 0, global_blocks: list[int] = ()) -> None:
+                 window: int = 0, global_blocks: list[int] = (), rel_pos_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.encoder, self.window, self.global_blocks = encoder, window, list(global_blocks)
+        self.rel_pos = rel_pos_grid is not None
+        if self.rel_pos:        # ViTDet's use_rel_pos: zero tables, windowed blocks by the window
+            add_relative_position(encoder, "decomposed", rel_pos_grid, window, self.global_blocks)
         self.pyramid = SimpleFeaturePyramid(encoder.embed_dim, out_channels, factors)
         self.out_channels = out_channels
         self.autocast: tuple[bool, torch.dtype] = (False, torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         enabled, dtype = self.autocast
+        if self.rel_pos:        # the square-padded batch: image_size / patch (a no-op then)
+            set_grid(self.encoder, self.encoder.grid_of(x.shape[-2:]))
         with torch.autocast(x.device.type, dtype, enabled=enabled):
             if self.window:
                 maps = self.pyramid(vitdet_features(self.encoder, x, self.window, self.global_blocks))
@@ -95,26 +110,33 @@ class Detector(EncoderModel):
     def __init__(self, encoder: nn.Module, num_classes: int, s, mean, std, masks: bool) -> None:
         super().__init__()
         anchors = AnchorGenerator(tuple((a,) for a in s.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
+        c, kind = s.fpn_channels, s.heads
         kwargs: dict[str, Any] = dict(
-            num_classes=num_classes, min_size=s.image_size, max_size=s.image_size,
+            num_classes=None, min_size=s.image_size, max_size=s.image_size,
             image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
+            rpn_head=heads.rpn_head(kind, c, anchors.num_anchors_per_location()[0]),
             box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+            box_head=heads.box_head(kind, c, s.box_head_dim),
+            box_predictor=heads.box_predictor(kind, s.box_head_dim, num_classes),
             box_batch_size_per_image=s.rois_per_image, box_detections_per_img=s.detections_per_image,
             rpn_pre_nms_top_n_train=s.proposals_train[0], rpn_post_nms_top_n_train=s.proposals_train[1],
-            rpn_pre_nms_top_n_test=s.proposals_test[0], rpn_post_nms_top_n_test=s.proposals_test[1])
+            rpn_pre_nms_top_n_test=s.proposals_test[0], rpn_post_nms_top_n_test=s.proposals_test[1],
+            # ViTDet's square_pad: every batch padded to image_size x image_size (after
+            # normalisation, with zeros), so the global blocks' grid is the same for all
+            size_divisible=s.image_size,
+            # large-scale jitter has sized the training images already (<= image_size)
+            _skip_resize=s.lsj)
         if masks:
-            kwargs["mask_roi_pool"] = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+            kwargs.update(mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
+                          mask_head=heads.mask_head(kind, c),
+                          mask_predictor=heads.mask_predictor(kind, c, num_classes))
         detector = MaskRCNN if masks else FasterRCNN
         window = s.window_size if s.attention == "window" else 0
-        backbone = ViTDetBackbone(encoder, s.fpn_channels, s.scale_factors, window,
-                                  s.global_blocks or evenly_spaced(encoder.depth))
+        patch = encoder.patch_size
+        backbone = ViTDetBackbone(encoder, c, s.scale_factors, window,
+                                  s.global_blocks or evenly_spaced(encoder.depth),
+                                  (s.image_size // patch,) * 2 if s.rel_pos else None)
         self.rcnn = detector(backbone, **kwargs)
-        heads, c = self.rcnn.roi_heads, s.fpn_channels
-        heads.box_head = TwoMLPHead(c * 7 * 7, s.box_head_dim)              # 1024: the default
-        heads.box_predictor = FastRCNNPredictor(s.box_head_dim, num_classes)
-        if masks:     # torchvision's 4-conv mask head, as wide as the pyramid (256: its default)
-            heads.mask_head = MaskRCNNHeads(c, (c,) * 4, 1)
-            heads.mask_predictor = MaskRCNNPredictor(c, c, num_classes)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         # torchvision's GeneralizedRCNN calls the backbone between its transform and its RPN:
@@ -236,13 +258,15 @@ def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
     s, info = ctx.section, ctx.info
     if info.get("format") != "coco":
         raise ValueError(f"detection reads the COCO layout; {info['name']} is {info.get('format')!r}")
-    train_set = coco_detection(info["root"], "train", train=True)
+    lsj = (s.image_size, *s.lsj_scale) if s.lsj else None
+    train_set = coco_detection(info["root"], "train", train=True, lsj=lsj)
     val_set = coco_detection(info["root"], "val", train=False, max_samples=s.max_val_samples)
     masks = has_masks(coco_of(train_set))
     if ctx.proc.env.is_main:
         print(f"[detection] {info['name']}: {len(train_set)} train / {len(val_set)} val images, "
               f"{len(coco_of(val_set).getCatIds())} categories, {'Mask' if masks else 'Faster'} "
-              f"R-CNN, {s.attention} attention", flush=True)
+              f"R-CNN ({s.heads} heads), {s.attention} attention, rel_pos {s.rel_pos}, "
+              f"lsj {s.lsj_scale if s.lsj else 'off'}", flush=True)
     for b in ctx.baselines:
         encoder = encoder_for(ctx.run, ctx.cfg, b, drop_path=s.drop_path)
         ctx.seed()                                   # same heads on every rank and per encoder

@@ -1,16 +1,19 @@
-"""Frozen features for kNN and the linear probe: extracted once per encoder by all of the job's
-ranks (each a 1/world shard of the split, on its GPU when it has one), gathered, and cached in
-run/evals/features/ under the encoder's identity (the exported file's digest, or the
-architecture and seed of the random-init encoder), so both evaluations, and a requeued job,
-reuse them.
+"""Frozen features for kNN, the linear probe and the few-shot probe: extracted once per encoder
+by all of the job's ranks (each a 1/world shard of the split, on its GPU when it has one),
+gathered, and cached in run/evals/features/ under the encoder's identity (the exported file's
+digest, or the architecture and seed of the random-init encoder) and what is read out (pooling,
+and whether before the final LayerNorm: LatentMIM's kNN reads it there), so the evaluations,
+and a requeued job, reuse them. An evaluation reads only the splits it needs (LatentMIM's kNN:
+the validation split alone).
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,11 +27,13 @@ from hpc_mim.rundir import RunDir
 @torch.no_grad()
 def extract_features(encoders: dict[str, torch.nn.Module | None], path: str, cfg: Config,
                      info: dict[str, Any], pooling: str, max_samples: int, device: torch.device,
-                     rank: int = 0, world: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                     rank: int = 0, world: int = 1, final_norm: bool = True
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Features (N, D) and labels (N,) of a split, on ``device``, for several encoders in one
     pass over the data (center crop, no augmentation). An encoder of None means the raw
-    normalised pixels. This rank reads samples rank, rank + world, ...; the shards are then
-    gathered into the split's order on every rank."""
+    normalised pixels. ``final_norm=False``: pooled before the encoder's final LayerNorm. This
+    rank reads samples rank, rank + world, ...; the shards are then gathered into the split's
+    order on every rank."""
     loader = build_loader(path, cfg.eval.batch_size, cfg.model.img_size, info["mean"], info["std"],
                           train=False, eval_crop_ratio=info.get("eval_crop_ratio", 1.0),
                           num_workers=cfg.data.num_workers, max_samples=max_samples, device=device,
@@ -41,7 +46,7 @@ def extract_features(encoders: dict[str, torch.nn.Module | None], path: str, cfg
     for batch in iterate(loader):
         x = batch["image"].to(device)
         for name, encoder in encoders.items():
-            f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling)
+            f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling, final_norm)
             # clone: FFCV recycles its batch buffers, so a kept view would be overwritten
             feats[name].append(f.float().clone())
         labels.append(batch["label"].to(device).clone())
@@ -118,7 +123,8 @@ def read_cached(path: Path, wait_s: float) -> tuple[torch.Tensor, torch.Tensor] 
 
 
 def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling: str,
-                    max_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                    max_samples: int, final_norm: bool = True
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Features of one split per encoder, on this rank's device: from the cache, or extracted
     by every rank and written by rank 0 (atomically: a concurrent job sees all or nothing).
 
@@ -133,7 +139,8 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
     encoders = {b: encoder_key(run, cfg, b) for b in baselines}    # hashes encoder.pt once
 
     def path(baseline: str) -> Path:
-        key = (f"{encoders[baseline]}-{info['name']}-{split}-{pooling}-"
+        readout = pooling if final_norm else f"{pooling}-prenorm"   # the final norm's key
+        key = (f"{encoders[baseline]}-{info['name']}-{split}-{readout}-"
                f"{cfg.model.img_size}px-{max_samples or 'all'}")
         return run.evals / "features" / f"{key}.pt"
 
@@ -149,7 +156,7 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
         read_here = set(out)
         models = {b: encoder_for(run, cfg, b) for b in missing}
         out.update(extract_features(models, info[split], cfg, info, pooling, max_samples,
-                                    proc.device, proc.env.rank, proc.env.world_size))
+                                    proc.device, proc.env.rank, proc.env.world_size, final_norm))
         if proc.env.is_main:
             for b in missing:
                 if b in read_here:           # fine here, only another node could not see it
@@ -166,17 +173,31 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
 Compute = Callable[..., dict[str, float]]
 
 
-def frozen(compute: Compute) -> Callable[[EvalContext], Iterator[tuple[str, dict[str, float]]]]:
+def readout(section: Any) -> tuple[str, bool]:
+    """(pooling, final_norm) an evaluation section reads: its ``features()`` where it has one
+    (a protocol may fix them: LatentMIM's kNN), else its ``pooling`` after the final norm."""
+    features = getattr(section, "features", None)
+    return features() if features is not None else (section.pooling, True)
+
+
+def frozen(compute: Compute, needs_train: Callable[[Any], bool] = lambda section: True
+           ) -> Callable[[EvalContext], Iterator[tuple[str, dict[str, float]]]]:
     """A body for frozen-feature evaluations: features of every encoder (cached, or from one
     sharded pass over the data), then ``compute`` per encoder on the job's device (the kNN
-    similarity matrix and the probe's training are GPU work)."""
+    similarity matrix and the probe's training are GPU work). Where ``needs_train(section)``
+    is false the training split is not read and ``compute`` gets None for its features."""
     def body(ctx: EvalContext) -> Iterator[tuple[str, dict[str, float]]]:
         if not ctx.baselines:
             return
         s, start = ctx.section, time.time()
-        train = cached_features(ctx, ctx.baselines, "train", s.pooling, s.max_train_samples)
-        val = cached_features(ctx, ctx.baselines, "val", s.pooling, 0)
-        shapes = ", ".join(f"{b or 'pretrained'} {tuple(train[b][0].shape)}" for b in ctx.baselines)
+        pooling, final_norm = readout(s)
+        # the same decision on every rank (the section is the same): extraction is collective
+        train = cached_features(ctx, ctx.baselines, "train", pooling, s.max_train_samples, final_norm) \
+            if needs_train(s) else {b: (None, None) for b in ctx.baselines}
+        val = cached_features(ctx, ctx.baselines, "val", pooling, 0, final_norm)
+        shapes = ", ".join(f"{b or 'pretrained'} "
+                           f"{tuple(train[b][0].shape) if train[b][0] is not None else 'no train split'}"
+                           for b in ctx.baselines)
         if ctx.proc.env.is_main:
             print(f"[eval] train features {shapes}; {len(val[ctx.baselines[0]][1])} val, "
                   f"{ctx.proc.env.world_size} rank(s), {time.time() - start:.1f}s", flush=True)

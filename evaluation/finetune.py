@@ -1,9 +1,13 @@
 """End-to-end fine-tuning, MAE's recipe (He et al. arXiv 2111.06377 App. A.3,
 facebookresearch/mae:main_finetune.py), on DeepSpeed like pre-training.
 
-Model: the encoder (stochastic depth ``drop_path``) -> pooled tokens (mean of the patch tokens
-by default, MAE's ``global_pool``) -> LayerNorm -> Linear (weights trunc-normal std 2e-5).
-Data: RandomResizedCrop (0.08-1) + flip (FFCV), RandAugment (n, m), random erasing (timm),
+Model: MAE's models_vit.py: the encoder (stochastic depth ``drop_path``); by default the mean
+of the last block's patch tokens (MAE's ``global_pool``, the encoder's final norm dropped) ->
+``fc_norm`` LayerNorm -> Linear (weights trunc-normal std 2e-5); ``pooling: cls``: final norm ->
+cls token -> Linear. Data: RandomResizedCrop (0.08-1) + flip (FFCV), timm's RandAugment
+``rand-m9-mstd0.5-inc1`` (``auto_augment``; batched on the device, PIL's ops exactly:
+hpc_mim/data/randaugment_timm.py; ``tv-rand-n2-m9`` = torchvision's, the project's earlier
+choice), random erasing (timm),
 mixup / cutmix with label smoothing (timm's Mixup + SoftTargetCrossEntropy). Optimiser: AdamW
 (0.9, 0.999), layer-wise lr decay (timm), lr = blr * batch / 256, linear warmup then cosine to
 ``min_lr`` (timm, per step). Metrics: top-1 / top-5 on the centre-cropped validation split
@@ -34,18 +38,34 @@ from hpc_mim.train.loop import Budget, Task
 
 
 class Classifier(EncoderModel):
-    """Images (B, 3, H, W) -> logits (B, num_classes)."""
+    """Images (B, 3, H, W) -> logits (B, num_classes), pooled as MAE's fine-tuning model
+    (facebookresearch/mae:models_vit.py):
+
+    - ``mean`` (MAE's ``global_pool``, its default): the mean of the last block's patch tokens
+      -> ``fc_norm`` -> head. The encoder's final ``norm`` is not used, so it is replaced by
+      ``nn.Identity`` here, as MAE deletes it (``del self.norm``): an unused parameter would
+      get no gradient, which DeepSpeed's ZeRO stages and its gradient clipping would have to
+      tolerate, and would sit in the optimizer with weight decay.
+    - ``cls``: the encoder's final ``norm`` -> the cls token(s) (their mean for several) ->
+      head, with no ``fc_norm``.
+
+    (Until issue 28 both went norm -> pool -> fc_norm: a second LayerNorm on the mean.)"""
 
     def __init__(self, encoder: nn.Module, num_classes: int, pooling: str) -> None:
         super().__init__()
         self.encoder, self.pooling = encoder, pooling
-        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        if pooling == "mean":
+            encoder.norm = nn.Identity()                  # MAE: ``del self.norm``
+            self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        else:
+            self.fc_norm = nn.Identity()
         self.head = nn.Linear(encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.fc_norm(self.encoder.pooled(x, self.pooling)))
+        pooled = self.encoder.pooled(x, self.pooling, final_norm=self.pooling != "mean")  # (B, D)
+        return self.head(self.fc_norm(pooled))
 
 
 class FinetuneTask(Task):
@@ -58,7 +78,7 @@ class FinetuneTask(Task):
         self.model = model.to(self.device)
         self.batch = s.batch_size
         self.micro = s.micro_batch_size or s.batch_size // env.world_size
-        self.lr = s.blr * s.batch_size / 256
+        self.lr = s.peak_lr()              # blr * batch / 256 (eval.finetune.protocol lut: sqrt)
         self.optimizer = torch.optim.AdamW(model.param_groups(s.weight_decay, s.layer_decay),
                                            lr=self.lr, betas=(0.9, 0.999), fused=True)
         img_size = model.encoder.config["img_size"]
@@ -91,12 +111,12 @@ class FinetuneTask(Task):
     def forward(self, engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """RandAugment, erasing and mixup on the device (from this rank's generator, which
         every checkpoint saves), then the loss in fp32 (bf16 logits under autocast).
-        RandAugment is torchvision's, batched (hpc_mim/data/randaugment.py): each image draws
-        its own ops and signs, with whole-batch ops and no host sync on this thread."""
+        RandAugment is timm's ``auto_augment`` policy, batched (hpc_mim/data/randaugment_timm.py):
+        each image draws its own ops, coins, magnitudes and signs, with whole-batch ops and no
+        host sync on this thread."""
         x, y = batch["image"], batch["label"]
-        if self.s.randaug_ops:
-            x = rand_augment(x, self.info["mean"], self.info["std"], self.s.randaug_ops,
-                             self.s.randaug_magnitude)
+        if self.s.auto_augment:
+            x = rand_augment(x, self.info["mean"], self.info["std"], self.s.auto_augment)
         x = self.erase(x) if self.erase else x
         x, y = self.mixup(x, y) if self.mixup else (x, y)
         return {"loss": self.criterion(engine(x).float(), y)}

@@ -1,7 +1,10 @@
 """Linear probing of frozen features (the MAE protocol, He et al. arXiv 2111.06377 App. A.2).
 
 Head: BatchNorm1d(affine=False, eps=1e-6) + Linear (weights trunc-normal std 0.01), trained with
-LARS (timm), lr = blr * batch / 256, weight decay 0, linear warmup then cosine. The encoder is
+MAE's LARS (evaluation/lars.py, facebookresearch/mae:util/lars.py: the weight's step scaled by
+0.001 ||p|| / ||g + wd p||, the bias plain SGD + momentum), lr = blr * batch / 256, weight decay
+0, linear warmup then cosine. (Until issue 28 this was ``timm.optim.Lars``, which with weight
+decay 0 never applies its trust ratio: plain SGD with momentum at lr 6.4 for batch 16384.) The encoder is
 frozen, so features are extracted once (center crop, no augmentation; evaluation/features.py)
 and the head trains on them in memory, as dinov2's linear eval does: the MAE recipe's per-epoch
 random crops through the frozen encoder would cost one encoder pass per epoch for a small gain.
@@ -16,12 +19,12 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from evaluation.common import EvalContext, parse_args, run_eval
 from evaluation.features import frozen
+from evaluation.lars import LARS
 from hpc_mim.train.loop import Budget, Task
 
 
@@ -43,7 +46,7 @@ class ProbeTask(Task):
         self.lp, self.batch, self.seed, self.rank, self.micro = lp, batch, seed, rank, batch // world
         self.num_classes = num_classes
         self.model = linear_head(train_f.shape[1], num_classes).to(train_f.device)  # where the features are
-        self.optimizer = Lars(self.model.parameters(), lr=lp.blr * batch / 256, momentum=0.9,
+        self.optimizer = LARS(self.model.parameters(), lr=lp.blr * batch / 256, momentum=0.9,
                               weight_decay=lp.weight_decay)
         self.loss_fn = nn.CrossEntropyLoss()
 

@@ -6,8 +6,10 @@
 One row per method (and swept values); each evaluation's headline metric as mean ± std over
 seeds, the best per column marked; each method's difference to the baseline (``--baseline``,
 default mae) with a Welch t-test, an exact permutation test and a bootstrap 95% interval, or
-"n too small" where no outcome could reach p < 0.05; the paper's figure where the config
-matches a paper setting (configs/papers.yaml); failed or missing runs; each cell's submission
+"n too small" where no outcome could reach p < 0.05; the paper's figure, with its source,
+where the config matches a paper setting (configs/papers.yaml: dataset, architecture,
+pre-training epochs and evaluation protocol), and a warning when rows ran different evaluation
+protocols; failed or missing runs; each cell's submission
 history; code version and dataset digests per run, with a warning when they differ; curves
 (mean ± std over seeds on a common step grid) and the diagnostics per layer. The markdown goes
 to stdout (and ``--md``); ``--html`` writes one self-contained page. Both are logged as

@@ -33,7 +33,7 @@ def sections(report: dict[str, Any], figures: dict[str, Any]) -> list[tuple[str,
     figures [(title, uri)]: one description rendered both ways."""
     cols, rows, alpha = report["columns"], report["rows"], report["alpha"]
     out: list[tuple[str, Any]] = []
-    header = ["method", "seeds", *[c.key for c in cols], "paper (ViT-B/16 IN-1k)"]
+    header = ["method", "seeds", *[c.key for c in cols], "paper (same data, architecture, epochs, protocol; source)"]
     body, best = [], set()
     for i, row in enumerate(rows):
         cells = [row.group, ", ".join(str(r.seed) for r in row.cells)]
@@ -42,7 +42,7 @@ def sections(report: dict[str, Any], figures: dict[str, Any]) -> list[tuple[str,
             if c.key in row.best:
                 best.add((i, j + 2))
         cells.append("; ".join(f"{k} {v:.1f} ({src})" for k, (v, src) in row.paper.items())
-                     or "no paper setting matches this config")
+                     or "no paper figure for this data, architecture, epochs and protocol")
         body.append(cells)
     out.append(("Methods x evaluations", {"header": header, "rows": body, "best": best}))
     out.append(("", ["Rule per column: " + ", ".join(f"{c.key}: {c.rule}" for c in cols)

@@ -2,6 +2,12 @@
 the paper's figure where a row's config matches a paper setting), the difference of each method
 to the baseline with its tests, the runs that failed or are missing, and what reproduces each
 row. Pure data; evaluation/report_render.py prints them as markdown and HTML.
+
+A paper figure (configs/papers.yaml) shows only next to a row whose resolved config matches
+every key of its ``when``: dataset and architecture, the pre-training length
+(``train.epochs``) and the evaluation protocol it was measured under (``eval.knn.protocol``,
+``eval.finetune.protocol``, ``eval.fewshot.shots``), each figure with its source. Rows that ran
+different evaluation protocols are warned about: their columns do not compare.
 """
 from __future__ import annotations
 
@@ -16,14 +22,18 @@ import yaml
 from evaluation.report_data import RunResult
 from evaluation.report_stats import Difference, compare, mean_std
 
-HEADLINE = {"knn": ["top1"], "linear_probe": ["top1"], "finetune": ["top1"],
-            "segmentation": ["miou"], "detection": ["box_ap", "mask_ap"], "diagnostics": ["rankme"]}
-RANKED = {"knn", "linear_probe", "finetune", "segmentation", "detection"}   # higher is better
+# knn: top1 under eval.knn.protocol dino, loo_top1 under latentmim (a run has one of them)
+HEADLINE = {"knn": ["top1", "loo_top1"], "linear_probe": ["top1"], "fewshot": ["top1"],
+            "finetune": ["top1"], "segmentation": ["miou"], "detection": ["box_ap", "mask_ap"],
+            "diagnostics": ["rankme"]}
+RANKED = {"knn", "linear_probe", "fewshot", "finetune", "segmentation", "detection"}   # higher is better
 PAPERS = Path(__file__).resolve().parent.parent / "configs" / "papers.yaml"
 # last: the evaluation's final value (the papers report the end of the schedule);
 # best: the maximum of its curve (val/<metric> every eval_every steps)
-RULES = {"knn": "last", "linear_probe": "last", "finetune": "last", "segmentation": "last",
-         "detection": "last", "diagnostics": "last"}
+RULES = {"knn": "last", "linear_probe": "last", "fewshot": "last", "finetune": "last",
+         "segmentation": "last", "detection": "last", "diagnostics": "last"}
+# the config keys naming an evaluation's protocol: rows that differ in one do not compare
+PROTOCOL_KEYS = ("eval.knn.protocol", "eval.finetune.protocol")
 
 
 @dataclass
@@ -50,12 +60,17 @@ class Row:
 
 
 def columns(results: list[RunResult], rules: dict[str, str]) -> list[Column]:
+    """One column per job and headline metric that some run reported (all of the job's
+    headline metrics when none did, so a job that failed everywhere still shows)."""
     jobs = {job: name for r in results for job, name in r.jobs.items()}
+    reported = {key for r in results for m in r.metrics.values() for key in m}
     order = list(HEADLINE)
     ordered = sorted(jobs, key=lambda j: (order.index(jobs[j]) if jobs[j] in order else 99, j))
     out = []
     for job in ordered:
-        for metric in HEADLINE.get(jobs[job], ["top1"]):
+        metrics = HEADLINE.get(jobs[job], ["top1"])
+        metrics = [m for m in metrics if f"{job}/{m}" in reported] or metrics
+        for metric in metrics:
             rule = rules.get(f"{job}/{metric}", rules.get(jobs[job], RULES.get(jobs[job], "last")))
             out.append(Column(job, metric, jobs[job], rule))
     return out
@@ -68,13 +83,20 @@ def value(result: RunResult, col: Column) -> float | None:
     return None if v is None or math.isnan(v) else float(v)
 
 
-def paper_figures(config: dict[str, str], method: str) -> dict[str, tuple[float, str]]:
+def matches(config: dict[str, str], when: dict[str, Any]) -> bool:
+    """The flattened config (values as strings) has every ``when`` key at its value: a figure
+    needs the row's dataset, architecture, pre-training length and evaluation protocol."""
+    return all(config.get(k) == str(v) for k, v in when.items())
+
+
+def paper_figures(config: dict[str, str], method: str,
+                  papers: Path = PAPERS) -> dict[str, tuple[float, str]]:
     """Column key -> (figure, source) of the first paper setting whose ``when`` the config
     matches (configs/papers.yaml)."""
-    entries = yaml.safe_load(PAPERS.read_text()) if PAPERS.is_file() else []
+    entries = yaml.safe_load(papers.read_text()) if papers.is_file() else []
     out: dict[str, tuple[float, str]] = {}
     for entry in entries:
-        if entry["method"] == method and all(config.get(k) == str(v) for k, v in entry["when"].items()):
+        if entry["method"] == method and matches(config, entry["when"]):
             for key, figure in entry["figures"].items():
                 out.setdefault(key, (float(figure), entry["source"]))
     return out
@@ -155,6 +177,11 @@ def provenance(results: list[RunResult]) -> dict[str, Any]:
                         "not reproduce them exactly")
     if len({data for _, _, data in per_run}) > 1:
         warnings.append("rows read different data: " + " vs ".join(sorted({d for _, _, d in per_run})))
+    for key in PROTOCOL_KEYS:
+        ran = {r.config[key] for r in results if key in r.config}
+        if len(ran) > 1:
+            warnings.append(f"rows ran different evaluation protocols ({key}: "
+                            f"{', '.join(sorted(ran))}): those columns do not compare")
     return {"runs": per_run, "warnings": warnings}
 
 

@@ -138,7 +138,13 @@ class TrainConfig:
     lr_scaling: str = "linear"          # linear: lr = blr * batch / 256 (MAE); sqrt: blr * sqrt(batch) / 4 (LUT)
     min_lr: float = 0.0                 # floor of the cosine, absolute ...
     min_lr_ratio: float = 0.0           # ... or as a fraction of the peak lr (LatentMIM: 0.25)
+    # warmup from the floor lr (LatentMIM's util/lr_sched.py: min_lr + (lr - min_lr) * ep / warmup)
+    # instead of from 0 (MAE's)
+    warmup_from_floor: bool = False
     weight_decay: float = 0.05
+    # substrings of parameter names exempt from weight decay, on top of timm's rule (every 1-D
+    # tensor and bias): LatentMIM's authors [embed], UMD's [cls_token, mask_token]
+    no_weight_decay: list[str] = field(default_factory=list)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     clip_grad: float = 0.0              # 0 = no clipping
     precision: str = "fp32"             # fp32 | bf16

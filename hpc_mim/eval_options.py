@@ -15,10 +15,11 @@ import math
 from dataclasses import dataclass, field
 
 from hpc_mim.config_error import ConfigError
+from hpc_mim.data.augment_policy import parse_auto_augment
 
 # the kind of dataset each evaluation reads (hpc_mim/datasets.py)
 EVAL_KINDS = {"knn": "classification", "linear_probe": "classification",
-              "finetune": "classification", "segmentation": "segmentation",
+              "fewshot": "classification", "finetune": "classification", "segmentation": "segmentation",
               "detection": "detection", "diagnostics": "classification"}
 
 
@@ -93,22 +94,62 @@ class Trained(Resources):
         _check(self.eval_every >= 0, f"{key}.eval_every", "must be >= 0")
 
 
+KNN_PROTOCOLS = ("dino", "latentmim")
+
+
 @dataclass
 class KNNConfig(Resources):
-    """DINO's weighted kNN: L2-normalised features, votes weighted by exp(sim / T)."""
+    """kNN classification on frozen features (evaluation/knn.py), by ``protocol``:
+    dino: DINO's weighted kNN, train -> val: L2-normalised features, votes weighted by
+    exp(sim / T) (metrics ``top1``, ``knn_top1_k<k>``); latentmim: LatentMIM's 1-NN leave-one-out
+    within the validation set on the mean of the patch tokens before the final norm
+    (yibingwei-1/LatentMIM:util/misc.py ``eval_knn``; metric ``loo_top1``; ``ks``,
+    ``temperature``, ``pooling`` and ``max_train_samples`` do not apply)."""
     dataset: str = ""
+    protocol: str = "dino"              # dino | latentmim
     ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07
     pooling: str = "cls"                # cls | mean
     max_train_samples: int = 0
 
+    def features(self) -> tuple[str, bool]:
+        """(pooling, final_norm) of the features this protocol reads."""
+        return ("mean", False) if self.protocol == "latentmim" else (self.pooling, True)
+
     def validate(self) -> None:
         _check_pooling("knn", self.pooling)
+        _check(self.protocol in KNN_PROTOCOLS, "knn.protocol",
+               f"{self.protocol!r}; choose from {list(KNN_PROTOCOLS)}")
+
+
+@dataclass
+class FewshotConfig(Resources):
+    """UMD's few-shot probe (philippe-eecs/small-vision: big_vision/evaluators/fewshot_lsr.py,
+    configs/common_fewshot.py): ``shots`` training images per class, closed-form ridge
+    regression on the whitened frozen features to +-1 one-hot targets, accuracy on the whole
+    validation split, averaged over ``draws`` seeded draws of the shots (evaluation/fewshot.py)."""
+    dataset: str = ""
+    shots: list[int] = field(default_factory=lambda: [100])   # the first is the headline ``top1``
+    l2_reg: float = 1024.0              # the authors' fixed ridge strength (not tuned)
+    draws: int = 1                      # the authors log one draw (seed 0); draw d uses seed d
+    pooling: str = "cls"                # UMD's pre_logits: the mean of its cls tokens, final norm
+    max_train_samples: int = 0          # the pool the shots are drawn from (0 = the whole split)
+
+    def features(self) -> tuple[str, bool]:
+        return self.pooling, True
+
+    def validate(self) -> None:
+        _check_pooling("fewshot", self.pooling)
+        _check(bool(self.shots) and all(n >= 1 for n in self.shots), "fewshot.shots",
+               f"{self.shots}: give one or more counts >= 1")
+        _check(self.l2_reg > 0, "fewshot.l2_reg", "must be > 0")
+        _check(self.draws >= 1, "fewshot.draws", "must be >= 1")
 
 
 @dataclass
 class LinearProbeConfig(Resources):
-    """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, LARS."""
+    """MAE's linear probe: BatchNorm1d(affine=False) + Linear on frozen features, MAE's LARS
+    (evaluation/lars.py; trust ratio on the weight even at weight decay 0)."""
     dataset: str = ""
     epochs: int = 90
     warmup_epochs: int = 10
@@ -122,12 +163,21 @@ class LinearProbeConfig(Resources):
         _check_pooling("linear_probe", self.pooling)
 
 
+FINETUNE_PROTOCOLS = ("mae", "lut")
+# LUT's recipe where it departs from MAE's (naver-ai/lut: docs/FINETUNE.md, ViT-B: blr 1e-3,
+# layer decay 0.75; main_finetune.py: lr = blr * sqrt(batch) / 8); the rest is MAE's
+LUT_FINETUNE = {"blr": 1e-3, "layer_decay": 0.75}
+
+
 @dataclass
 class FinetuneConfig(Trained):
     """MAE's end-to-end fine-tuning (arXiv 2111.06377 App. A.3, ViT-B values), on DeepSpeed;
     on as many GPUs as pre-training (MAE: 1024 = 32 per GPU x 32)."""
     nodes: int = 0
     dataset: str = ""
+    # mae: the recipe every method is compared under; lut: LUT's own (LUT_FINETUNE and its
+    # square-root lr scaling), to reproduce its 84.2: a value left at MAE's default takes LUT's
+    protocol: str = "mae"
     epochs: int = 100
     warmup_epochs: float = 5
     batch_size: int = 1024              # global; lr = blr * batch_size / 256
@@ -140,26 +190,50 @@ class FinetuneConfig(Trained):
     mixup: float = 0.8                  # Beta(alpha, alpha) mixing; 0 disables
     cutmix: float = 1.0
     smoothing: float = 0.1              # label smoothing
-    randaug_ops: int = 2                # RandAugment (n=2, m=9); 0 ops disables
-    randaug_magnitude: int = 9
+    # timm's RandAugment string (MAE: rand-m9-mstd0.5-inc1; keys m n p mstd mmax inc), or
+    # tv-rand-n2-m9 for torchvision's RandAugment(2, 9) (before issue 28); "" disables
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25                # random erasing probability
     pooling: str = "mean"               # MAE fine-tunes on the average of the patch tokens
     max_train_samples: int = 0
     max_steps: int = 0                  # > 0 stops early (tests)
 
+    def peak_lr(self) -> float:
+        """MAE scales the base lr linearly with the batch (blr * batch / 256,
+        facebookresearch/mae:main_finetune.py); LUT by its square root (blr * sqrt(batch) / 8,
+        naver-ai/lut:main_finetune.py)."""
+        if self.protocol == "lut":
+            return self.blr * math.sqrt(self.batch_size) / 8
+        return self.blr * self.batch_size / 256
+
     def validate(self) -> None:
+        _check(self.protocol in FINETUNE_PROTOCOLS, "finetune.protocol",
+               f"{self.protocol!r}; choose from {list(FINETUNE_PROTOCOLS)}")
+        if self.protocol == "lut":          # resolved here, so the run's config.yaml shows them
+            for key, value in LUT_FINETUNE.items():
+                if getattr(self, key) == getattr(FinetuneConfig, key):
+                    setattr(self, key, value)
         _check_pooling("finetune", self.pooling)
         self.check_trained("finetune")
         _check(not self.micro_batch_size or self.batch_size % self.micro_batch_size == 0,
                "finetune.batch_size", f"{self.batch_size} is not a multiple of "
                f"eval.finetune.micro_batch_size={self.micro_batch_size}")
         _check(0 < self.layer_decay <= 1, "finetune.layer_decay", "must be in (0, 1]")
+        try:
+            parse_auto_augment(self.auto_augment)
+        except ValueError as e:
+            raise ConfigError(f"eval.finetune.auto_augment: {e}") from None
 
 
 @dataclass
 class SegmentationConfig(Trained):
-    """UperNet on four ViT blocks (mmsegmentation's MAE ADE20K setup: 160k iterations of batch
-    16, AdamW lr 1e-4, layer decay 0.65, 1500 warmup iterations then poly, 512 crops)."""
+    """UperNet on four ViT blocks (mmsegmentation's MAE ADE20K setup,
+    configs/mae/upernet_mae-base_fp16_8x2_512x512_160k_ade20k.py with configs/_base_/models/
+    upernet_mae.py and configs/_base_/datasets/ade20k.py; MAE arXiv 2111.06377 App. A.4): 160k
+    iterations of batch 16, AdamW lr 1e-4, layer decay 0.65, 1500 warmup iterations then poly,
+    512 crops; the auxiliary FCN head on the third neck map (loss weight 0.4), the photometric
+    distortion and crops with at most 75% of one class in training; BEiT's relative position
+    bias (zero-initialised) in the encoder. Each can be turned off (toy presets)."""
     dataset: str = "ade20k"
     steps: int = 160000
     warmup_steps: int = 1500
@@ -171,13 +245,20 @@ class SegmentationConfig(Trained):
     channels: int = 768                 # UperNet width
     blocks: list[int] = field(default_factory=list)  # [] = [3, 5, 7, 11] scaled to the depth
     rescales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])  # x the token grid
-    scale: int = 512                    # images resized to this short side (x 0.5-2.0 in training)
+    scale: int = 512                    # resize bounds: short side, long side 4x (mmseg's (2048, 512))
     crop_size: int = 512                # training crops and sliding-window size
     stride: int = 341                   # sliding-window stride
     max_val_samples: int = 0
+    aux_weight: float = 0.4             # auxiliary FCN head's loss weight; 0 = no auxiliary head
+    aux_channels: int = 256             # its width
+    photometric: bool = True            # mmseg's PhotoMetricDistortion in training
+    cat_max_ratio: float = 0.75         # crops redrawn while one class covers this much; 1 = off
+    rel_pos: bool = True                # BEiT's relative position bias table on the crop's grid
 
     def validate(self) -> None:
         self.check_trained("segmentation")
+        _check(self.aux_weight >= 0, "segmentation.aux_weight", "must be >= 0")
+        _check(0 < self.cat_max_ratio <= 1, "segmentation.cat_max_ratio", "must be in (0, 1]")
         _check_factors("segmentation.rescales", self.rescales)
         _check(0 < self.stride <= self.crop_size, "segmentation.stride", "must be in (0, crop_size]")
         _check(not self.blocks or len(self.blocks) == 4, "segmentation.blocks", "give four block indices")
@@ -187,7 +268,12 @@ class SegmentationConfig(Trained):
 class DetectionConfig(Trained):
     """ViTDet (arXiv 2203.16527): simple feature pyramid from the last block, Mask R-CNN;
     ViT-B COCO values (batch 64 on 64 GPUs, AdamW lr 1e-4, wd 0.1, layer decay 0.7, 1024 px,
-    14 x 14 windowed attention with global attention in 4 evenly spaced blocks)."""
+    14 x 14 windowed attention with global attention in 4 evenly spaced blocks), ViTDet's
+    heads (2-conv RPN, 4-conv + 1-fc box head and mask head with LayerNorm), large-scale jitter
+    (scale 0.1-2.0, ``image_size`` crop) and decomposed relative positions in the attention
+    (detectron2 projects/ViTDet mask_rcnn_vitdet_b_100ep.py). Departures, each an option:
+    ``heads: torchvision`` (torchvision's default heads), ``lsj: false`` (flip only, every
+    image resized to ``image_size``), ``rel_pos: false``."""
     nodes: int = 0
     dataset: str = "coco"
     steps: int = 184375
@@ -197,10 +283,14 @@ class DetectionConfig(Trained):
     weight_decay: float = 0.1
     layer_decay: float = 0.7
     drop_path: float = 0.1
-    image_size: int = 1024              # longest side; batches are padded to a multiple of 32
+    image_size: int = 1024              # longest side; batches padded to this square (square_pad)
     scale_factors: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])  # x token grid
-    fpn_channels: int = 256             # pyramid and mask head width
-    box_head_dim: int = 1024            # torchvision's two-layer MLP box head
+    fpn_channels: int = 256             # pyramid, box head convs and mask head width
+    box_head_dim: int = 1024            # the box head's fc width (ViTDet's fc_dims [1024])
+    heads: str = "vitdet"               # vitdet (paper) | torchvision (default heads, departure)
+    lsj: bool = True                    # ViTDet's large-scale jitter in training
+    lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])   # x image_size
+    rel_pos: bool = True                # decomposed relative positions (ViTDet use_rel_pos)
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per level
     rois_per_image: int = 512
     # RPN proposals kept before / after NMS, training and test, and detections per image:
@@ -228,6 +318,10 @@ class DetectionConfig(Trained):
                    f"{v}: [kept before NMS, kept after NMS], 0 < after <= before")
         _check(self.detections_per_image >= 1, "detection.detections_per_image", "must be >= 1")
         _check(self.image_size % 32 == 0, "detection.image_size", "must be a multiple of 32")
+        _check(self.heads in ("vitdet", "torchvision"), "detection.heads",
+               f"{self.heads!r}; choose vitdet or torchvision")
+        _check(len(self.lsj_scale) == 2 and 0 < self.lsj_scale[0] <= self.lsj_scale[1],
+               "detection.lsj_scale", f"{self.lsj_scale}: [min, max], 0 < min <= max")
 
 
 @dataclass
@@ -249,6 +343,7 @@ class EvalConfig:
     baselines: list[str] = field(default_factory=list)  # also evaluate: random_init, pixels
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)

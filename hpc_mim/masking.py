@@ -2,6 +2,8 @@
 
 Conventions (as in facebookresearch/mae:models_mae.py): ``mask`` is (B, L) with 1 = hidden,
 ``ids_keep`` (B, K) indexes the visible patches, ``ids_restore`` (B, L) undoes the shuffle.
+Also LatentMIM's non-contiguous grid (one random offset per cell, as the authors' ``Patchify``)
+and noised_mim's disjoint masked / noised token sets.
 """
 from __future__ import annotations
 
@@ -72,25 +74,31 @@ def hybrid_masking(batch: int, num_patches: int, mask_ratio: float, noise_ratio:
 
 
 def noncontiguous_grid(imgs: torch.Tensor, grid: int, patch_size: int, gap: int) -> torch.Tensor:
-    """LatentMIM's non-contiguous grid (arXiv 2407.15837, Sec. 3.5).
+    """LatentMIM's non-contiguous grid (arXiv 2407.15837, Sec. 3.5), as the authors' ``Patchify``
+    (yibingwei-1/LatentMIM:vits.py, ``Patchify.patchify``).
 
     ``imgs`` (B, C, S, S) with S = grid * (patch_size + gap) are cut into grid x grid cells of
-    ``patch_size + gap`` pixels; each row of cells gets a random vertical offset and each
-    column a random horizontal offset in [0, gap), per sample, and the p x p patch at that offset
-    is kept. Neighbouring patches are thus separated by 1 to 2*gap-1 pixels (none when gap = 0).
-    Returns the patches packed edge to edge, (B, C, grid*p, grid*p), ready for a ViT of image
-    size grid*p whose patch (i, j) is cell (i, j).
+    ``patch_size + gap`` pixels; every cell of every sample draws its own vertical offset dy and
+    horizontal offset dx in [0, gap) (two draws of shape (B, g, g), dy first, as the authors'),
+    and the p x p patch at (dy, dx) inside the cell is kept. Neighbouring patches are thus
+    separated by 1 to 2*gap-1 pixels, and a row of patches is not aligned (none of this when
+    gap = 0: then nothing is drawn). Returns the patches packed edge to edge, (B, C, g*p, g*p),
+    ready for a ViT of image size g*p whose patch (i, j) is cell (i, j).
     """
     b, c, s, _ = imgs.shape
     p, cell = patch_size, patch_size + gap
     if s != grid * cell:
         raise ValueError(f"non-contiguous grid needs {grid * cell} px images, got {s}")
-    offsets = torch.randint(0, max(gap, 1), (2, b, grid), device=imgs.device)  # (rows|cols, B, g)
-    base = torch.arange(grid, device=imgs.device) * cell                      # (g,)
-    within = torch.arange(p, device=imgs.device)                              # (p,)
-    # pixel index of every output row / column: (B, g*p)
-    idx = ((base + offsets)[..., None] + within).reshape(2, b, grid * p)
-    rows, cols = idx[0], idx[1]
-    batch = torch.arange(b, device=imgs.device)[:, None, None]
-    out = imgs.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, g*p, g*p, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    if gap == 0:
+        return imgs
+    cells = imgs.reshape(b, c, grid, cell, grid, cell)                          # (B, C, gi, y, gj, x)
+    within = torch.arange(p, device=imgs.device)                                  # (p,)
+    dy = torch.randint(0, gap, (b, grid, grid), device=imgs.device)              # per (sample, i, j)
+    dx = torch.randint(0, gap, (b, grid, grid), device=imgs.device)
+    rows = (dy[..., None] + within).permute(0, 1, 3, 2)                           # (B, gi, p, gj)
+    cols = (dx[..., None] + within)                                               # (B, gi, gj, p)
+    # pick rows inside each cell: index (B, C, gi, p, gj, cell)
+    out = torch.gather(cells, 3, rows[:, None, :, :, :, None].expand(b, c, grid, p, grid, cell))
+    # then columns: index (B, C, gi, p, gj, p)
+    out = torch.gather(out, 5, cols[:, None, :, None, :, :].expand(b, c, grid, p, grid, p))
+    return out.reshape(b, c, grid * p, grid * p)

@@ -106,15 +106,19 @@ def test_saved_config_keeps_only_the_chosen_methods_section(tmp_path):
 
 @pytest.mark.parametrize("method, expected", [
     ("noised_mim", {"method.noised_mim.noise_block": 2, "method.noised_mim.style": "encoder",
+                    "method.noised_mim.noise_scale": "rms", "method.noised_mim.noise_max_t": 500,
                     "train.epochs": 400}),
     ("latent_mim", {"method.mask_ratio": 0.898, "method.latent_mim.temperature": 0.2,
                     "method.latent_mim.momentum": 0.99, "method.decoder_depth": 3,
-                    "train.min_lr_ratio": 0.25, "train.epochs": 800}),
+                    "train.min_lr_ratio": 0.25, "train.warmup_from_floor": True,
+                    "train.no_weight_decay": ["embed"], "train.epochs": 800}),
     ("lut", {"method.lut.cross_view_weight": 0.25, "method.lut.momentum": 0.996,
              "train.lr_scaling": "sqrt", "train.epochs": 1600}),
     ("umd", {"method.umd.noised_mask_ratio": 0.375, "method.umd.no_noise_prob": 0.5,
              "method.umd.num_cls_tokens": 4, "model.patch_size": 4, "model.img_size": 64,
-             "train.clip_grad": 1.0, "train.batch_size": 1024, "method.decoder_dim": 768}),
+             "train.clip_grad": 1.0, "train.batch_size": 1024, "method.decoder_dim": 768,
+             "data.crop_scale": [0.8, 1.0], "data.normalize": "symmetric", "model.pos_embed": "learned",
+             "train.no_weight_decay": ["cls_token", "mask_token"]}),
 ])
 def test_method_recipes_carry_the_papers_settings(method, expected):
     cfg = load_config(method)
@@ -138,6 +142,8 @@ def test_lr_scaling_rules():
     ("noised_mim", "method.noised_mim.noise_ratio=0.5", "method.mask_ratio"),  # 0.6 + 0.5 >= 1
     ("noised_mim", "method.noised_mim.style=sideways", "method.noised_mim.style"),
     ("noised_mim", "method.noised_mim.noise_blok=2", "did you mean 'method.noised_mim.noise_block'"),
+    ("noised_mim", "method.noised_mim.noise_max_t=1001", "method.noised_mim.noise_max_t"),  # > steps
+    ("noised_mim", "method.noised_mim.noise_scale=norm", "method.noised_mim.noise_scale"),
     ("lut", "method.mask_ratio=0.4", "method.mask_ratio"),          # no two disjoint 60% sets
     ("umd", "method.umd.no_noise_prob=1.5", "method.umd.no_noise_prob"),
     ("latent_mim", "train.min_lr=1e-6", "train.min_lr"),            # and min_lr_ratio 0.25
@@ -162,11 +168,13 @@ def test_evals_list_resolves_each_job_and_its_dataset():
 def test_symmetric_normalisation_gives_pixels_in_minus_one_one_to_training_and_evaluations():
     """UMD's authors train on [-1, 1] pixels: data.normalize=symmetric is that option, and every
     consumer (trainer, evaluations) reads mean/std through Config.dataset_info."""
-    cfg = load_config("umd", "smoke", overrides=["data.normalize=symmetric"])
+    cfg = load_config("mae", "smoke", overrides=["data.normalize=symmetric"])
     for name in ("", "fmnist"):
         info = cfg.dataset_info(name)
         assert info["mean"] == [0.5] * 3 and info["std"] == [0.5] * 3
-    assert load_config("umd", "smoke").dataset_info()["mean"] == [0.2860] * 3
+    assert load_config("umd", "smoke").dataset_info()["mean"] == [0.5] * 3      # umd.yaml's
+    assert load_config("umd", "smoke", overrides=["data.normalize=dataset"]).dataset_info()["mean"] \
+        == [0.2860] * 3
     with pytest.raises(ConfigError, match="data.normalize"):
         load_config("umd", "smoke", overrides=["data.normalize=unit"])
 

@@ -23,16 +23,18 @@ def test_rand_augment_draws_per_image_and_keeps_the_normalisation():
     torch.manual_seed(0)
     raw = torch.randint(0, 256, (16, 3, 28, 28)).float() / 255
     x = ((raw - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)   # as the loader gives it
-    same = rand_augment(x, mean, std, num_ops=0)              # no op: only the uint8 round trip
+    same = rand_augment(x, mean, std, "tv-rand-n0-m9")        # no op: only the uint8 round trip
     torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    assert rand_augment(x, mean, std, "") is x                 # "" disables
     as_uint8 = (raw * 255).round().to(torch.uint8)
     assert torch.equal(rand_augment_uint8(as_uint8, num_ops=0), as_uint8)
-    out = rand_augment(x, mean, std, num_ops=2, magnitude=9)
-    assert out.shape == x.shape and out.dtype == torch.float32
-    assert out.is_contiguous(memory_format=torch.channels_last)       # the patch embedding's layout
-    changed = [(out[i] - x[i]).abs().max().item() > 1e-3 for i in range(16)]
-    differences = {round((out[i] - x[i]).abs().mean().item(), 4) for i in range(16)}
-    assert sum(changed) >= 12 and len(differences) > 8         # each image its own ops
+    for policy, least in (("tv-rand-n2-m9", 12), ("rand-m9-mstd0.5-inc1", 8)):   # timm: p = 0.5 per op
+        out = rand_augment(x, mean, std, policy)
+        assert out.shape == x.shape and out.dtype == torch.float32
+        assert out.is_contiguous(memory_format=torch.channels_last)   # the patch embedding's layout
+        changed = [(out[i] - x[i]).abs().max().item() > 1e-3 for i in range(16)]
+        differences = {round((out[i] - x[i]).abs().mean().item(), 4) for i in range(16)}
+        assert sum(changed) >= least and len(differences) > 6     # each image its own ops
     torch.manual_seed(1)
     plain = rand_augment_uint8(as_uint8, num_ops=2, magnitude=9)
     torch.manual_seed(1)
@@ -122,7 +124,8 @@ def test_rand_augment_is_torchvisions_on_each_image_with_its_own_draws():
     assert len(pairs) > 25 and 0 < int(draws[0][1].sum()) < b      # per-image ops and signs
 
 
-def test_rand_augment_has_no_per_image_loop_and_no_host_sync():
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "tv-rand-n2-m9"])
+def test_rand_augment_has_no_per_image_loop_and_no_host_sync(policy):
     """What the training thread runs per fine-tuning step: the same aten ops whatever the batch
     size (no per-image Python loop), none of them a host sync on a GPU (.item(), nonzero,
     boolean-mask indexing, a tensor made from Python data and copied to the device). On the
@@ -148,17 +151,17 @@ def test_rand_augment_has_no_per_image_loop_and_no_host_sync():
             return func(*args, **(kwargs or {}))
 
     mean, std = [0.5] * 3, [0.25] * 3
-    rand_augment(torch.zeros(2, 3, 16, 16), mean, std)          # stats and tables cached once
+    rand_augment(torch.zeros(2, 3, 16, 16), mean, std, policy)  # stats, tables, fill cached once
     runs = []
     for b in (2, 16):
         x = torch.randn(b, 3, 16, 16).contiguous(memory_format=torch.channels_last)
         with Recorder() as recorder:
-            rand_augment(x, mean, std, num_ops=2, magnitude=9)
+            rand_augment(x, mean, std, policy)
         assert recorder.syncs == [], recorder.syncs
         runs.append(recorder.ops)
     assert runs[0] == runs[1]
     meta = torch.empty(4, 3, 16, 16, device="meta").contiguous(memory_format=torch.channels_last)
-    out = rand_augment(meta, mean, std, num_ops=2, magnitude=9)
+    out = rand_augment(meta, mean, std, policy)
     assert out.device.type == "meta" and out.is_contiguous(memory_format=torch.channels_last)
 
 

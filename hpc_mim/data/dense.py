@@ -5,9 +5,12 @@
   ``reduce_zero_label``: 0 -> 255, k -> k - 1).
 - ``coco_detection``: ``<split>2017/`` images + ``annotations/instances_<split>2017.json``,
   read by torchvision's CocoDetection (pycocotools) and wrapped for transforms v2, so boxes and
-  masks follow flips and resizes.
+  masks follow flips and resizes; training optionally with ViTDet's large-scale jitter
+  (hpc_mim/data/lsj.py).
 
-Augmentation uses torchvision.transforms.v2, which moves image, mask and boxes together.
+Segmentation augmentation is mmsegmentation's ADE20K pipeline (hpc_mim/data/seg_transforms.py,
+with its photometric distortion in hpc_mim/data/photometric.py); detection augmentation uses
+torchvision.transforms.v2, which moves image, masks and boxes together.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
+
+from hpc_mim.data.lsj import LargeScaleJitter
+from hpc_mim.data.seg_transforms import SegmentationEval, SegmentationTrain
 
 IGNORE = 255
 ADE_SPLITS = {"train": "training", "val": "validation"}
@@ -58,31 +64,34 @@ class ADE20K(Dataset):
 
 
 def segmentation_transform(train: bool, scale: int, crop: int, mean: Sequence[float],
-                           std: Sequence[float]) -> v2.Compose:
-    """mmsegmentation's ADE20K pipeline at ``scale``: training resizes the short side to
-    scale x U(0.5, 2.0), takes a random ``crop`` (padded with ignore), flips; evaluation resizes
-    the image only (predictions are compared at the label's own size)."""
-    to_float = [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-                v2.Normalize(mean, std)]
+                           std: Sequence[float], photometric: bool = True,
+                           cat_max_ratio: float = 0.75) -> Callable:
+    """mmsegmentation's ADE20K pipeline at ``scale`` (hpc_mim/data/seg_transforms.py): training
+    rescales within (4 x scale, scale) x U(0.5, 2.0), takes a random ``crop`` (``cat_max_ratio``),
+    flips, distorts colours (``photometric``), normalises and pads with ignore; evaluation
+    rescales the image only (predictions are compared at the label's own size)."""
     if not train:
-        return v2.Compose([v2.Resize(scale, antialias=True), *to_float])
-    return v2.Compose([
-        v2.RandomResize(scale // 2, scale * 2, antialias=True),
-        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
-        v2.RandomHorizontalFlip(),
-        *to_float])
+        return SegmentationEval(scale, mean, std)
+    return SegmentationTrain(scale, crop, mean, std, cat_max_ratio, photometric, IGNORE)
 
 
-def coco_detection(root: str | Path, split: str, train: bool, max_samples: int = 0) -> Dataset:
+def coco_detection(root: str | Path, split: str, train: bool, max_samples: int = 0,
+                   lsj: tuple[int, float, float] | None = None) -> Dataset:
     """COCO instances of one split as (image float (3, H, W) in [0, 1], target dict with boxes
     (K, 4) xyxy, labels (K,), masks (K, H, W) when annotated, image_id). Training drops images
-    without annotations (as detectron2 does) and flips."""
+    without annotations (as detectron2 does) and flips; ``lsj`` = (size, min_scale, max_scale)
+    then applies ViTDet's large-scale jitter after the flip (hpc_mim/data/lsj.py, which also
+    drops the emptied instances as detectron2 does)."""
     root = Path(root)
     ann_file = root / "annotations" / f"instances_{split}2017.json"
     ops: list[Any] = [v2.ToImage()]
     if train:
         ops.append(v2.RandomHorizontalFlip())
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes()]
+        if lsj is not None:
+            ops.append(LargeScaleJitter(*lsj))
+    ops += [v2.ToDtype(torch.float32, scale=True)]
+    if not (train and lsj is not None):
+        ops.append(v2.SanitizeBoundingBoxes())
     dataset = CocoDetection(str(root / f"{split}2017"), str(ann_file), transforms=v2.Compose(ops))
     keys = ("boxes", "labels", "image_id") + (("masks",) if has_masks(dataset.coco) else ())
     if train:

@@ -14,10 +14,11 @@ loop and no host sync (no ``.item()``, no boolean-mask indexing, no ``nonzero``)
 The semantics are torchvision's (the ``TORCHVISION`` table): its 14 ops including Identity, its
 magnitude table (``num_magnitude_bins=31``), a random sign per signed op, fill 0, nearest
 interpolation, uint8 arithmetic. Every op takes its per-image value as a (B,) float64 tensor,
-and ``Op.level`` maps per-image magnitudes (B,) to those values, so timm's policy
-(``rand-m9-mstd0.5-inc1``: magnitude noise per image, "increasing" ops) is another table of
-``Op``s fed noisy magnitudes, plus its p = 0.5 per op as a per-image coin (Identity when it
-fails) in ``rand_augment_uint8``.
+and ``Op.level`` maps per-image magnitudes (B,) to those values. timm's policy (MAE's
+fine-tuning, ``rand-m9-mstd0.5-inc1``) is another table of ``Op``s in
+hpc_mim/data/randaugment_timm.py (PIL's ops: its blends, bicubic warp and fill differ from
+torchvision's; it shares ``posterize``, ``equalize`` and ``values_for`` with this file).
+Fine-tuning uses timm's; this table is the ``tv-rand-n2-m9`` option.
 
 Bit-exactness with torchvision: on a CPU every op equals torchvision.transforms.v2.functional's
 per image with no tolerance (tests/test_views.py: 14 ops, 5 magnitudes, both signs, 2 sizes);
@@ -53,9 +54,9 @@ Level = Callable[[torch.Tensor, int, int], torch.Tensor]      # magnitudes (B,),
 
 class Op(NamedTuple):
     """One augmentation. Exactly one of ``apply`` (uint8 (B, C, H, W), values (B,) -> uint8
-    (B, C, H, W)) and ``affine`` (values (B,), H, W -> (B, 7) float64 ``AFFINE`` parameters)
-    is set: the geometric ops give parameters, so one matrix computation and one
-    ``grid_sample`` serve them all. ``level``: per-image magnitudes -> unsigned values (None:
+    (B, C, H, W)) and ``affine`` (values (B,), H, W -> (B, k) float64 warp parameters: here
+    the 7 ``AFFINE`` ones, in randaugment_timm.py PIL's 6 matrix entries) is set: the
+    geometric ops give parameters, so one matrix computation and one warp serve them all. ``level``: per-image magnitudes -> unsigned values (None:
     the op takes no value); ``signed``: each image negates its value with p = 0.5."""
     level: Level | None
     signed: bool

@@ -5,7 +5,8 @@ loader decodes the same sample again with its own random crop + flip (uint8), an
 turns that into a normalised float view. Done in torch rather than in FFCV because FFCV 1.0
 has no hue, grayscale, solarize or blur op, and per-sample parameters are cheap on a batch.
 Also here, on the same terms: the normalisation of the main image of a GPU loader
-(``normalize_uint8``) and fine-tuning's RandAugment (``rand_augment``).
+(``normalize_uint8``) and fine-tuning's RandAugment (``rand_augment``: timm's policy, MAE's
+``rand-m9-mstd0.5-inc1``, or torchvision's as an option).
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
+from hpc_mim.data.augment_policy import TimmRandAugment, TorchvisionRandAugment, parse_auto_augment
 from hpc_mim.data.randaugment import rand_augment_uint8
+from hpc_mim.data.randaugment_timm import fill_for, rand_augment_timm
 
 
 def _per_sample(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -149,16 +152,29 @@ def finish_view(name: str, raw: torch.Tensor, mean: Sequence[float], std: Sequen
     return (x - m) / s
 
 
-def rand_augment(x: torch.Tensor, mean: Sequence[float], std: Sequence[float], num_ops: int = 2,
-                 magnitude: int = 9) -> torch.Tensor:
-    """torchvision's RandAugment(num_ops, magnitude) (Cubuk et al. arXiv 1909.13719) on a
-    normalised batch x (B, C, H, W), each image drawing its own ops and signs; returns it
-    normalised, float32, in x's memory format. The images go through uint8 (RandAugment's
-    arithmetic) and the ops run batched on x's device (hpc_mim/data/randaugment.py): no
-    per-image loop, no host sync."""
+def rand_augment(x: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 policy: str = "rand-m9-mstd0.5-inc1") -> torch.Tensor:
+    """Fine-tuning's RandAugment on a normalised batch x (B, C, H, W), each image drawing its own
+    ops, coins, magnitudes and signs; returns it normalised, float32, in x's memory format.
+    ``policy`` (hpc_mim/data/augment_policy.py): timm's ``rand-...`` string (MAE's
+    ``rand-m9-mstd0.5-inc1`` by default: hpc_mim/data/randaugment_timm.py, PIL's ops, fill =
+    the dataset mean as timm's), ``tv-rand-n<N>-m<M>`` for torchvision's RandAugment(N, M)
+    (hpc_mim/data/randaugment.py), or "" for none. The images go through uint8 (RandAugment's
+    arithmetic) and the ops run batched on x's device: no per-image loop, no host sync."""
+    spec = _policy(policy)
+    if spec is None:
+        return x
     m, s = _stats(mean, std, x.device)
     raw = ((x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
-    out = rand_augment_uint8(raw, num_ops=num_ops, magnitude=magnitude)
+    if isinstance(spec, TimmRandAugment):
+        out = rand_augment_timm(raw, spec, fill_for(tuple(map(float, mean)), x.device))
+    else:
+        out = rand_augment_uint8(raw, num_ops=spec.num_ops, magnitude=spec.magnitude)
     if x.is_contiguous(memory_format=torch.channels_last):     # the patch embedding's layout
         out = out.contiguous(memory_format=torch.channels_last)
     return (out.float() / 255 - m) / s
+
+
+@functools.lru_cache(maxsize=None)
+def _policy(policy: str) -> TimmRandAugment | TorchvisionRandAugment | None:
+    return parse_auto_augment(policy)

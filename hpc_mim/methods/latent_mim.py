@@ -3,20 +3,26 @@
 Reference code: yibingwei-1/LatentMIM. What it computes (shared/methods.md):
 
 1. Non-contiguous grid: training crops are ``g * (p + gap)`` px; each of the g x g cells gives
-   one p x p patch at a random offset, so neighbouring patches never touch
-   (``masking.noncontiguous_grid``). The packed patches are a normal ``g*p`` px ViT input.
+   one p x p patch at its own random (dy, dx) offset, as the authors' ``Patchify`` (vits.py), so
+   neighbouring patches never touch (``masking.noncontiguous_grid``). The packed patches are a
+   normal ``g*p`` px ViT input.
 2. ~90% masked: ``K = round(L * (1 - mask_ratio))`` visible patches (20 of 196 for ViT-B/16);
    every other patch is a target.
 3. Online encoder on the visible patches, then a 3-layer projection head on every token
    (D -> H -> H -> D, LayerNorm, GELU, output norm, no bias).
 4. Target = EMA copy of encoder + head (no gradient) on the target patches only; momentum
    cosine from 0.99 to 1 over training, updated every optimizer step.
-5. Cross-attention decoder with visual cues (models/cross_decoder.py) predicts the targets.
+5. Cross-attention decoder with visual cues (models/cross_decoder.py) predicts the targets; its
+   queries are its own learned cls token and the mask token (zero at init), as xvits.py.
 6. Loss: patch discrimination InfoNCE within each image (``patch_discrimination_loss``), plus
    the optional similarity regulariser ``c * (avgsim(pred) - s)^2 + c * (avgsim(vis) - s)^2``
    with s going 0.75 -> 0.25 by a cosine; avgsim is the mean of an image's full token cosine
    matrix, each token's similarity with itself included, as the authors' ``avg_pairwise_sim``
    (so with T tokens avgsim >= 1/T, not 0); ``vis`` the projected visible patch tokens.
+7. Optimisation as main_lmim.py / util/lr_sched.py (configs/methods/latent_mim.yaml): the cosine
+   ends at 0.25 x lr and the warm-up starts there (``train.warmup_from_floor``), and parameters
+   named ``*embed*`` (the patch embedding, the decoder's input projection) get no weight decay
+   (``train.no_weight_decay: [embed]``), besides timm's 1-D tensors and biases.
 """
 from __future__ import annotations
 

@@ -15,9 +15,22 @@ from), so every choice below is ours, made from the paper's text and configurabl
    tokens, an MAE decoder with mask tokens reconstructs.
 3. Noise (``noise_block`` k): Gaussian noise on the noised tokens' hidden states at the output
    of encoder block k (1-based; k = 0 noises their pixels before the patch embedding):
-   ``h' = sqrt(a) h + sqrt(1 - a) eps`` with ``a = alpha_bar(t)`` of a cosine schedule,
-   ``t ~ U{0..noise_steps-1}`` per sample. Blocks are not conditioned on t: the ViT stays a
-   plain ViT for transfer.
+   ``h' = sqrt(a) h + sqrt(1 - a) s eps`` with ``a = alpha_bar(t)`` of a cosine schedule of
+   ``noise_steps`` T = 1000 steps, ``t ~ U{0..noise_max_t-1}`` per sample. Blocks are not
+   conditioned on t: the ViT stays a plain ViT for transfer.
+   Two choices the paper leaves open (it gives the noise level only as diffusion-style, and
+   names the trade-off: too much noise makes the restoration impossible, too little brings
+   nothing; shared/methods.md, seeds/noised_mim-2412.19104.md), decided so:
+   - ``noise_scale: rms`` (default): s = each token's root-mean-square over its D features,
+     stop-gradient, so that a = alpha_bar(t) means the signal-to-noise ratio a / (1 - a) it
+     means for unit-scale pixels, whatever the scale of block k's hidden states (a pre-norm
+     residual stream has no fixed scale: unit noise would be drowned or drowning, and would
+     change as training moves that scale). Pixel-space noise (k = 0) keeps s = 1: standardised
+     pixels are the unit scale. ``unit`` (s = 1 everywhere) is the earlier variant.
+   - ``noise_max_t: 500`` (default): t stops where the cosine schedule's SNR falls to 1
+     (alpha_bar(499) = 0.49); beyond it a noised token approaches pure noise (alpha_bar(999)
+     ~ 2e-9), carries nothing of its clean content and turns into a masked token with a random
+     embedding, which the masked set already covers. ``noise_max_t: 1000`` is the full range.
 4. Targets: masked tokens -> norm_pix patches (``mask_loss``); noised tokens -> their clean
    patches (``noise_target: pixels``, same head) or their clean block-k hidden states,
    stop-gradient (``features``, a second linear head) (``noise_loss``), MSE.
@@ -91,16 +104,21 @@ class NoisedMIM(MIMMethod):
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(o.noise_steps), persistent=False)
         self.terms = ("mask_loss", "noise_loss") + (("disruption",) if o.disruption_weight > 0 else ())
 
-    def _noise(self, x: torch.Tensor, which: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-        """Noise the tokens ``which`` (B, N) bool of x (B, N, F); the others stay as they are."""
-        return torch.where(which.unsqueeze(-1), add_noise(x, alpha_bar)[0], x)
+    def _noise(self, x: torch.Tensor, which: torch.Tensor, alpha_bar: torch.Tensor,
+               rms: bool = False) -> torch.Tensor:
+        """Noise the tokens ``which`` (B, N) bool of x (B, N, F); the others stay as they are.
+        ``rms``: the noise of each token is scaled by that token's RMS over F (no gradient)."""
+        eps = torch.randn_like(x)                                            # one draw, as before
+        if rms:
+            eps = eps * x.detach().float().pow(2).mean(-1, keepdim=True).sqrt()   # (B, N, 1)
+        return torch.where(which.unsqueeze(-1), add_noise(x, alpha_bar, eps)[0], x)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         imgs = batch["image"]                                                # (B, C, H, W)
         enc, o, k = self.encoder, self.opts, self.opts.noise_block
         b, L = imgs.shape[0], enc.num_patches
         masked, noised = hybrid_masking(b, L, self.mask_ratio, o.noise_ratio, imgs.device)
-        t = torch.randint(0, o.noise_steps, (b,), device=imgs.device)
+        t = torch.randint(0, o.noise_max_t, (b,), device=imgs.device)
         alpha_bar = self.alphas_cumprod[t]
         patches = patchify(imgs, enc.patch_size)                             # (B, L, P)
         if k == 0:                                                           # pixel-space noise
@@ -125,7 +143,8 @@ class NoisedMIM(MIMMethod):
             x = block(x)
             if i + 1 == k:                                                   # feature-space noise
                 clean_feats = x[:, 1:].detach()
-                x = torch.cat([x[:, :1], self._noise(x[:, 1:], token_noised, alpha_bar)], dim=1)
+                noised_feats = self._noise(x[:, 1:], token_noised, alpha_bar, o.noise_scale == "rms")
+                x = torch.cat([x[:, :1], noised_feats], dim=1)
         x = enc.norm(x)
 
         if o.style == "encoder":

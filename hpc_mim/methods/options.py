@@ -26,7 +26,9 @@ class NoisedMIMOptions:
     noise_ratio: float = 0.2            # fraction of tokens noised; method.mask_ratio are masked
     noise_block: int = 2                # noise added to hidden states after this block; 0 = pixels
     noise_target: str = "pixels"        # what noised tokens regress: pixels (norm_pix) | features
-    noise_steps: int = 1000             # cosine schedule length; t ~ U{0, ..., steps-1}
+    noise_steps: int = 1000             # cosine schedule length T
+    noise_max_t: int = 500              # t ~ U{0..noise_max_t-1}: alpha_bar >= 0.49 (SNR >= 1) at T 1000
+    noise_scale: str = "rms"            # rms: eps x each token's RMS (features) | unit: eps ~ N(0, 1)
     noise_loss_weight: float = 1.0
     disruption_weight: float = 0.1      # lambda of the disruption loss; 0 disables it
 
@@ -47,6 +49,10 @@ class NoisedMIMOptions:
         _check(self.noise_target == "pixels" or self.noise_block > 0, "noised_mim.noise_target",
                "features needs noise_block >= 1 (block 0 noises pixels)")
         _check(self.noise_steps >= 1, "noised_mim.noise_steps", "must be >= 1")
+        _check(1 <= self.noise_max_t <= self.noise_steps, "noised_mim.noise_max_t",
+               f"{self.noise_max_t} must be in [1, method.noised_mim.noise_steps={self.noise_steps}]")
+        _check(self.noise_scale in ("rms", "unit"), "noised_mim.noise_scale",
+               f"{self.noise_scale!r}; choose rms or unit")
         _check(self.disruption_weight >= 0, "noised_mim.disruption_weight", "must be >= 0")
 
 

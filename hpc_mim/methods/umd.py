@@ -22,14 +22,20 @@ Reference code: philippe-eecs/small-vision (JAX). What it computes (shared/metho
 4. ``loss = dit_loss * (1 - r) + mae_loss * r`` with r the clean fraction of the batch.
 5. Gradient clipping 1.0 is ``train.clip_grad`` in configs/methods/umd.yaml.
 
-Where this departs from the authors' code, on purpose:
-- Pixels: the loader's per-channel standardised values (mean 0, std 1), the unit scale the
-  noise schedule assumes, rather than the authors' [-1, 1] (mean 0.5, std 0.5: it differs by a
-  per-channel affine map). ``data.normalize: symmetric`` gives the authors' [-1, 1] (pre-training
-  and, from the run's config, every evaluation of it).
-- Position embeddings are fixed 2-D sin-cos (encoder and decoder), as for every method here
-  and what the evaluations evaluate exactly at other resolutions; the authors learn them
-  (``model.pos_embed: learned`` does, in the encoder and this decoder).
+The authors' recipe is configs/methods/umd.yaml's (checked in tests/methods/test_authors_recipes.py):
+- Pixels in [-1, 1] (``data.normalize: symmetric``; ae_i1k.py ``value_range(-1, 1)``) for the
+  input, its noising (x_t and the x0 target live in that range) and every evaluation of the run
+  (the run's config, read through ``Config.dataset_info``). ``data.normalize: dataset`` (the
+  per-channel standardised pixels, ~2x the std: ~4x the signal-to-noise ratio at every t, i.e.
+  another noise schedule) is the project's earlier choice, kept as an option.
+- Crops of area (0.8, 1) (``data.crop_scale``; ae_i1k.py ``area_min=80``), not MAE's (0.2, 1).
+- Learned position embeddings in the encoder and the decoder (``model.pos_embed: learned``;
+  models/ae.py ``pos_embedding``, ``dec_pos_embedding``, normal std 1/sqrt(L)); ``sincos`` is the
+  option every other method uses.
+- No weight decay on the cls tokens and the mask token (``train.no_weight_decay``; models/ae.py
+  ``no_decay_list``); the LayerNorm scales, which the authors decay, follow timm's rule (no decay).
+Departures left: the cls tokens start at normal(0.02) (the authors' at zero); crops are resized
+by FFCV (the authors' by tf.image.resize, bilinear).
 - The decoder keeps a linear input projection only when ``method.decoder_dim`` differs from the
   encoder's width; at the paper's width (768) it is the identity, as in the authors' code.
 Variants by config: MAE (no_noise_prob 1), DiT (no_noise_prob 0, noised_mask_ratio 0),

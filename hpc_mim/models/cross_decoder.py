@@ -1,11 +1,14 @@
 """LatentMIM's cross-attention decoder with visual cues (arXiv 2407.15837, Sec. 3.6;
 yibingwei-1/LatentMIM).
 
-Queries are [cls; one token per target patch]. A target query starts as a learned mask token
-plus its position embedding plus a "visual cue": the visible tokens averaged with weights
-``softmax(pe_q pe_k^T / sqrt(d))``, i.e. by how close their positions are. Each block lets the
-queries attend to each other, then to the visible tokens, then applies an MLP. Because the
-queries never become keys for the visible tokens, the decoder cannot leak target content.
+Queries are [cls; one token per target patch], as the authors' ``CrossDecoder``
+(yibingwei-1/LatentMIM:xvits.py): the cls query is the decoder's own learned token (init normal,
+std 0.02; its position embedding is zero), not the encoder's cls token, which stays among the
+keys with the visible tokens. A target query starts as a learned mask token (init zero, as the
+authors') plus its position embedding plus a "visual cue": the visible tokens averaged with
+weights ``softmax(pe_q pe_k^T / sqrt(d))``, i.e. by how close their positions are. Each block
+lets the queries attend to each other, then to the visible tokens, then applies an MLP. Because
+the queries never become keys for the visible tokens, the decoder cannot leak target content.
 Attention layers are torch's ``nn.MultiheadAttention``; the MLP is timm's.
 """
 from __future__ import annotations
@@ -47,12 +50,13 @@ class CrossAttentionDecoder(nn.Module):
                  num_heads: int = 16, out_dim: int = 768) -> None:
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))             # zero at init
         self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, num_heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
-        nn.init.normal_(self.mask_token, std=0.02)
+        nn.init.normal_(self.cls_token, std=0.02)
         self.apply(init_mae_weights)
 
     def forward(self, visible: torch.Tensor, ids_keep: torch.Tensor,
@@ -62,7 +66,8 @@ class CrossAttentionDecoder(nn.Module):
         pos = self.pos_embed[:, 1:].expand(b, -1, -1)                        # (B, L, d)
         pe_k, pe_q = gather_tokens(pos, ids_keep), gather_tokens(pos, ids_target)
         cue = torch.softmax(pe_q @ pe_k.transpose(1, 2) / d ** 0.5, dim=-1) @ v[:, 1:]  # (B, T, d)
-        queries = torch.cat([v[:, :1], self.mask_token + cue + pe_q], dim=1)  # (B, 1+T, d)
+        cls = self.cls_token.expand(b, -1, -1)                               # (B, 1, d)
+        queries = torch.cat([cls, self.mask_token + cue + pe_q], dim=1)     # (B, 1+T, d)
         kv = v + torch.cat([self.pos_embed[:, :1].expand(b, -1, -1), pe_k], dim=1)
         for block in self.blocks:
             queries = block(queries, kv)

@@ -197,10 +197,15 @@ class ViTEncoder(nn.Module):
         c = self.condition(x, t)
         return self.norm(run_blocks(self.blocks, self.embed(x, ids_keep), c))
 
-    def pooled(self, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    def pooled(self, x: torch.Tensor, pooling: str = "cls", final_norm: bool = True) -> torch.Tensor:
         """Global representation (B, D): the cls token(s) (mean of them when several, as UMD
-        does) or the mean of the patch tokens."""
-        tokens = self.forward(x)
+        does) or the mean of the patch tokens. ``final_norm=False`` pools the last block's
+        tokens before the encoder's final LayerNorm: MAE's global-pool fine-tuning
+        (facebookresearch/mae:models_vit.py drops ``norm`` and normalises the pooled vector with
+        ``fc_norm``) and LatentMIM's kNN read them so."""
+        c = self.condition(x, None)
+        tokens = run_blocks(self.blocks, self.embed(x), c)
+        tokens = self.norm(tokens) if final_norm else tokens
         p = self.num_prefix
         return tokens[:, :p].mean(dim=1) if pooling == "cls" else tokens[:, p:].mean(dim=1)
 

@@ -2,7 +2,9 @@
 run on a large detection image with most blocks attending within non-overlapping
 ``window x window`` token windows and a few blocks (4, evenly spaced) attending globally, which
 propagates information across windows. Built on the encoder's own blocks (timm ``Block``), so
-the pre-trained weights are used as they are; no relative position bias is added.
+the pre-trained weights are used as they are. ViTDet's relative positions
+(``use_rel_pos``) are added to the blocks' attention by hpc_mim/models/relpos.py, with
+window-sized tables in the windowed blocks (the same ``global_blocks`` must be given to both).
 
 Shapes: tokens (B, L, D) on a (gh, gw) grid, L = gh * gw, without the cls token(s) (ViTDet
 drops them). The grid is padded with zeros to a multiple of the window, as ViTDet pads the

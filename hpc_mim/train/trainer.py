@@ -3,9 +3,12 @@ DeepSpeed, checkpoints, exact resume, stop signals, the NaN stop and MLflow); th
 maps a batch to a dict of losses.
 
 Schedule (MAE, arXiv 2111.06377 App. A.1): lr = blr * batch_size / 256 (or LUT's
-blr * sqrt(batch_size) / 4), linear warmup, then half-cosine to the floor, updated every optimizer
-step (timm's CosineLRScheduler). After every optimizer step the method's ``on_optimizer_step``
-hook runs (EMA teachers), over whole tensors even under ZeRO-3.
+blr * sqrt(batch_size) / 4), linear warmup from 0 (or from the floor, ``train.warmup_from_floor``:
+LatentMIM's), then half-cosine to the floor, updated every optimizer step (timm's
+CosineLRScheduler). AdamW without weight decay on 1-D tensors and biases (timm's rule) and on the
+parameters named by ``train.no_weight_decay`` (the authors' lists: LatentMIM's ``embed``, UMD's
+cls and mask tokens). After every optimizer step the method's ``on_optimizer_step`` hook runs
+(EMA teachers), over whole tensors even under ZeRO-3.
 
 On a GPU node (read as an 8-node run executes it): each task drives its own GPU
 (``training_device``); ``precision: bf16`` is autocast with fp32 weights, teachers, gradients
@@ -34,6 +37,14 @@ from hpc_mim.train.loop import Budget, Task, TrainLoop
 from hpc_mim.train.process import join, seed_everything
 
 
+def no_decay_names(model: torch.nn.Module, substrings: list[str]) -> list[str]:
+    """Names of ``model``'s parameters containing any of ``substrings`` (``train.no_weight_decay``).
+    With timm's rule (every 1-D tensor and bias) this is the authors' grouping: LatentMIM's
+    main_lmim.py exempts names with 'bias', 'norm' or 'embed' (the patch embedding and the decoder's
+    input projection); UMD's models/ae.py ``no_decay_list`` its cls tokens and mask embedding."""
+    return [n for n, _ in model.named_parameters() if any(s in n for s in substrings)]
+
+
 class PretrainTask(Task):
     """A method of hpc_mim.methods on the run's .beton training split."""
     name = "pretrain"
@@ -45,7 +56,8 @@ class PretrainTask(Task):
         self.terms = tuple(self.model.terms)
         if t.compile:
             self.title += f" (compiled: {', '.join(self.model.compile_networks(device))})"
-        groups = param_groups_weight_decay(self.model, t.weight_decay)  # no decay on norms/biases
+        groups = param_groups_weight_decay(self.model, t.weight_decay,
+                                           no_weight_decay_list=no_decay_names(self.model, t.no_weight_decay))
         # fused: one kernel over all parameters instead of a Python loop of ~10 ops per tensor
         self.optimizer = torch.optim.AdamW(groups, lr=t.peak_lr(), betas=tuple(t.betas), fused=True)
         info = cfg.dataset_info()
@@ -66,8 +78,9 @@ class PretrainTask(Task):
     def scheduler(self, optimizer, total_steps: int, steps_per_epoch: int) -> CosineLRScheduler:
         t = self.cfg.train
         warmup = int(t.warmup_epochs * steps_per_epoch)
+        start = t.floor_lr() if t.warmup_from_floor else 0.0
         return CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup), lr_min=t.floor_lr(),
-                                 warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
+                                 warmup_t=warmup, warmup_lr_init=start, warmup_prefix=True,
                                  t_in_epochs=False)
 
     def forward(self, engine, batch: dict[str, torch.Tensor]) -> dict[str, Any]:

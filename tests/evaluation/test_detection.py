@@ -14,7 +14,7 @@ from data_prep.scenes import generate
 from evaluation.dense_heads import SimpleFeaturePyramid
 from evaluation.detection import DetectionTask, Detector, coco_metrics, to_coco_results
 from hpc_mim.config import load_config
-from hpc_mim.data.dense import coco_detection, coco_of, collate_pairs, has_masks, num_categories
+from hpc_mim.data.dense import SeededSamples, coco_detection, coco_of, collate_pairs, has_masks, num_categories
 from hpc_mim.distributed.env import free_port
 from hpc_mim.models.vit import ViTEncoder
 
@@ -76,6 +76,23 @@ def test_coco_loader_gives_boxes_masks_and_labels(scenes):
     assert (t["boxes"][:, 2:] > t["boxes"][:, :2]).all()
 
 
+def test_lsj_training_set_is_jittered_and_reproducible_per_sample_key(scenes):
+    """The COCO reader with ViTDet's large-scale jitter (64 px target): images at most 64 px,
+    sizes varying with the draw, float boxes inside the image, the same sample for the same
+    (seed, epoch, index) key (exact resume)."""
+    samples = SeededSamples(coco_detection(scenes / "coco", "train", train=True, lsj=(64, 0.1, 2.0)), 0)
+    first = [samples[(e, 0)] for e in range(6)]
+    assert len({tuple(im.shape) for im, _ in first}) > 1
+    for image, t in first:
+        h, w = image.shape[-2:]
+        assert max(h, w) <= 64 and image.dtype == torch.float32
+        boxes = t["boxes"].as_subclass(torch.Tensor)
+        assert boxes.dtype == torch.float32 and (boxes[:, 2:] > boxes[:, :2]).all()
+        assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all() and t["masks"].shape[1:] == (h, w)
+    again = samples[(3, 0)]
+    assert torch.equal(again[0], first[3][0]) and torch.equal(again[1]["boxes"], first[3][1]["boxes"])
+
+
 def test_simple_feature_pyramid_levels_and_shapes():
     # ViTDet's factors on a ViT-B/16 at 512 px (32 x 32 tokens): strides 4, 8, 16, 32 and 64
     fpn = SimpleFeaturePyramid(dim=32, out_channels=24, factors=(4, 2, 1, 0.5))
@@ -87,9 +104,15 @@ def test_simple_feature_pyramid_levels_and_shapes():
     assert [f.shape[-1] for f in small(torch.randn(1, 32, 16, 16)).values()] == [32, 16, 8, 4, 2]
 
 
+def smoke_train_set(scenes, s):
+    """The training set as ``body`` builds it for the config ``s`` (with its LSJ)."""
+    return coco_detection(scenes / "coco", "train", train=True,
+                          lsj=(s.image_size, *s.lsj_scale) if s.lsj else None)
+
+
 def test_mask_rcnn_on_the_vit_trains_and_predicts(scenes):
     s = load_config("mae", "smoke").eval.detection
-    ds = coco_detection(scenes / "coco", "train", train=True)
+    ds = smoke_train_set(scenes, s)
     enc = ViTEncoder(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2)
     model = Detector(enc, 11, s, [0.5] * 3, [0.25] * 3, masks=True)
     images, targets = collate_pairs([ds[i] for i in range(2)])
@@ -114,7 +137,7 @@ def test_under_bf16_autocast_only_the_backbone_is_bf16(scenes):
     loop's bf16 autocast the ViT runs in bf16, and anchors, proposals, losses and boxes in fp32."""
     torch.manual_seed(0)
     model = small_detector()
-    ds = coco_detection(scenes / "coco", "train", train=True)
+    ds = smoke_train_set(scenes, load_config("mae", "smoke").eval.detection)
     images, targets = collate_pairs([ds[i] for i in range(2)])
     targets = [{k: v for k, v in t.items() if k != "image_id"} for t in targets]
     seen: dict[str, list[torch.dtype]] = {"qkv": [], "anchors": [], "proposals": []}

@@ -39,3 +39,63 @@ def test_knn_chunking_does_not_change_votes():
     a = knn_predict(train, labels, test, 7, 0.07, 4, chunk=1000)
     b = knn_predict(train, labels, test, 7, 0.07, 4, chunk=3)
     assert torch.allclose(a, b)
+
+
+# --- LatentMIM's protocol: 1-NN leave-one-out within one split -------------------------------
+
+def loo_reference(f: torch.Tensor, y: torch.Tensor) -> float:
+    """Brute force, one query at a time in Python: cosine to every other position, the first
+    of the maximal ones (lowest position) is the neighbour."""
+    g = f.double() / f.double().norm(dim=1, keepdim=True)
+    correct = 0
+    for i in range(len(g)):
+        sims = [(float(g[i] @ g[j]), j) for j in range(len(g)) if j != i]
+        best = max(s for s, _ in sims)
+        j = min(j for s, j in sims if s == best)
+        correct += int(y[j] == y[i])
+    return 100.0 * correct / len(g)
+
+
+def test_loo_matches_brute_force_on_random_features_for_any_chunk():
+    from evaluation.knn import loo_accuracy, loo_nearest
+    g = torch.Generator().manual_seed(2)
+    f, y = torch.randn(37, 6, generator=g), torch.randint(0, 3, (37,), generator=g)
+    expected = loo_reference(f, y)
+    for chunk in (1, 5, 37, 1000):
+        assert loo_accuracy(f, y, chunk=chunk) == expected
+    nearest = loo_nearest(f, chunk=4)
+    assert not torch.any(nearest == torch.arange(37))                   # never the query itself
+
+
+def test_loo_excludes_the_query_by_position_not_its_duplicates_and_ties_go_to_the_lowest():
+    from evaluation.knn import loo_nearest
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    # rows 0 and 2 are the same vector: each is the other's neighbour (another image), not
+    # excluded as "the query"; rows 1 and 3 are b and 2b (cosine 1 to each other), row 4 is a
+    # vector at equal cosine to rows 0 and 2: the tie goes to the lower position, 0
+    f = torch.tensor([a, b, a, [0.0, 2.0], [1.0, 0.1]])
+    assert loo_nearest(f).tolist() == [2, 3, 0, 1, 0]
+    y = torch.tensor([0, 1, 1, 1, 0])
+    from evaluation.knn import loo_accuracy
+    assert loo_accuracy(f, y) == loo_reference(f, y) == 60.0            # rows 1, 3, 4 right
+
+
+def test_loo_needs_two_samples():
+    import pytest
+
+    from evaluation.knn import loo_nearest
+    with pytest.raises(ValueError, match="at least 2"):
+        loo_nearest(torch.randn(1, 4))
+
+
+def test_knn_protocol_picks_the_readout_and_only_known_names():
+    import pytest
+
+    from hpc_mim.config_error import ConfigError
+    from hpc_mim.eval_options import KNNConfig
+    assert KNNConfig().features() == ("cls", True)                       # DINO: as configured
+    assert KNNConfig(pooling="mean").features() == ("mean", True)
+    # LatentMIM: mean of the patch tokens before the final norm, whatever `pooling` says
+    assert KNNConfig(protocol="latentmim").features() == ("mean", False)
+    with pytest.raises(ConfigError, match="eval.knn.protocol"):
+        KNNConfig(protocol="loo").validate()

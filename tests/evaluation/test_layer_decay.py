@@ -21,10 +21,62 @@ def test_layer_decay_assigns_decay_power_per_block_and_one_to_the_head():
     for i in range(depth):
         assert scale[id(names[f"encoder.blocks.{i}.attn.qkv.weight"])] == (decay ** (depth - i), 0.05)
         assert scale[id(names[f"encoder.blocks.{i}.norm1.weight"])] == (decay ** (depth - i), 0.0)
-    assert scale[id(names["encoder.norm.weight"])] == (1.0, 0.0)
+    assert "encoder.norm.weight" not in names             # mean pooling: MAE deletes the final norm
     assert scale[id(names["head.weight"])] == (1.0, 0.05)
     assert scale[id(names["fc_norm.bias"])] == (1.0, 0.0)
     assert len(scale) == len(names)                      # every parameter in exactly one group
+    cls_model = Classifier(ViTEncoder(img_size=28, patch_size=4, embed_dim=32, depth=depth, num_heads=2),
+                           10, "cls")
+    groups = cls_model.param_groups(weight_decay=0.05, layer_decay=decay)
+    in_groups = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    names = dict(cls_model.named_parameters())
+    assert in_groups[id(names["encoder.norm.weight"])] == 1.0 and "fc_norm.weight" not in names
+    assert len(in_groups) == len(names)
+
+
+def tiny_encoder() -> ViTEncoder:
+    torch.manual_seed(0)
+    enc = ViTEncoder(img_size=28, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    with torch.no_grad():                                # norms away from identity: the paths differ
+        for m in enc.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.5), m.bias.normal_(0.0, 0.5)
+    return enc
+
+
+def test_mean_pooling_classifier_is_maes_global_pool_without_the_final_norm():
+    """facebookresearch/mae:models_vit.py, global_pool: fc_norm(mean of the last block's patch
+    tokens) -> head; the encoder's norm deleted. The old path (norm -> mean -> fc_norm) differs."""
+    enc = tiny_encoder()
+    old_norm = enc.norm                                  # the encoder's final LayerNorm
+    model = Classifier(enc, 10, "mean").eval()
+    with torch.no_grad():
+        model.fc_norm.weight.normal_(1.0, 0.5), model.fc_norm.bias.normal_(0.0, 0.5)
+        model.head.weight.normal_(0.0, 0.5)
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        tokens = enc.embed(x)
+        for block in enc.blocks:
+            tokens = block(tokens)                       # (B, 1 + L, D)
+        want = model.head(model.fc_norm(tokens[:, enc.num_prefix:].mean(dim=1)))
+        old = model.head(model.fc_norm(old_norm(tokens)[:, enc.num_prefix:].mean(dim=1)))
+        got = model(x)
+    torch.testing.assert_close(got, want)
+    assert (got - old).abs().max() > 1e-2
+    assert isinstance(model.encoder.norm, torch.nn.Identity)
+    assert not any(n.startswith("encoder.norm") for n, _ in model.named_parameters())
+
+
+def test_cls_pooling_classifier_is_maes_norm_then_cls_token_without_fc_norm():
+    enc = tiny_encoder()
+    model = Classifier(enc, 10, "cls").eval()
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        tokens = enc.embed(x)
+        for block in enc.blocks:
+            tokens = block(tokens)
+        want = model.head(enc.norm(tokens)[:, 0])
+        torch.testing.assert_close(model(x), want)
 
 
 def test_timm_scheduler_applies_the_scale_to_each_group():

@@ -25,7 +25,8 @@ def probe(tmp_path, monkeypatch, epochs: int, rank: int = 0, world: int = 1) -> 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)   # join() exports them: not into later tests' jobs
     x, y = separable()
-    lp = LinearProbeConfig(epochs=epochs, warmup_epochs=2, batch_size=64, blr=0.1)
+    # MAE's lr at its batch 16384 (0.1 x 16384 / 256 = 6.4): LARS moves the weight by ~lr x 0.001 ||w||
+    lp = LinearProbeConfig(epochs=epochs, warmup_epochs=2, batch_size=64, blr=25.6)
     torch.manual_seed(0)
     task = ProbeTask(x[:500], y[:500], x[500:], y[500:], 4, lp, 64, seed=0, rank=rank, world=world)
     proc = join(env=DistEnv(master_port=free_port()))

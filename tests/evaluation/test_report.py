@@ -52,12 +52,75 @@ def test_rows_that_differ_in_code_or_data_are_warned_about():
 
 
 def test_paper_column_only_where_the_config_matches_a_paper_setting():
-    runs = [result("mae", 0, 60.0, config=VIT_B_IMAGENET), result("latent_mim", 0, 50.0, config=VIT_B_IMAGENET),
+    runs = [result("mae", 0, 60.0, config={**VIT_B_IMAGENET, "train.epochs": "1600"}),
+            result("latent_mim", 0, 50.0, config={**VIT_B_IMAGENET, "train.epochs": "800",
+                                                  "eval.knn.protocol": "latentmim"}),
             result("lut", 0, 55.0, config={**VIT_B_IMAGENET, "model.depth": "24"})]
     rows = {r.group: r for r in build(runs)["rows"]}
     assert rows["mae"].paper["linear_probe/top1"][0] == 68.0
-    assert rows["latent_mim"].paper["knn/top1"][0] == 50.1
+    assert rows["latent_mim"].paper["knn/loo_top1"][0] == 50.1
     assert rows["lut"].paper == {}                                    # ViT-L: no paper figure here
+
+
+def paper(method: str, **config) -> dict:
+    return build([result(method, 0, 1.0, config={**VIT_B_IMAGENET, **config})])["rows"][0].paper
+
+
+def test_paper_figures_need_the_same_epochs_and_protocol_and_name_their_source():
+    # MAE's ViT-B figures are 1600-epoch ones: none next to mae.yaml's 800 epochs
+    assert paper("mae", **{"train.epochs": "800", "eval.finetune.protocol": "mae"}) == {}
+    mae = paper("mae", **{"train.epochs": "1600", "eval.finetune.protocol": "mae"})
+    assert mae["finetune/top1"][0] == 83.6 and "Table 3" in mae["finetune/top1"][1]
+    assert "FINETUNE.md" in mae["linear_probe/top1"][1]
+    # LUT's 84.2 is its own fine-tuning recipe: shown under protocol lut only
+    lut = {"train.epochs": "1600"}
+    assert "finetune/top1" not in paper("lut", **lut, **{"eval.finetune.protocol": "mae"})
+    assert paper("lut", **lut, **{"eval.finetune.protocol": "lut"})["finetune/top1"][0] == 84.2
+    assert paper("lut", **{"train.epochs": "800", "eval.finetune.protocol": "lut"}) == {}
+    # LatentMIM's 1-NN figure under its own kNN protocol only; its other figures regardless
+    lmim = {"train.epochs": "800", "eval.finetune.protocol": "mae"}
+    dino = paper("latent_mim", **lmim, **{"eval.knn.protocol": "dino"})
+    assert "knn/loo_top1" not in dino and "knn/top1" not in dino
+    assert (dino["linear_probe/top1"][0], dino["finetune/top1"][0]) == (72.0, 83.0)
+    assert "README" in paper("latent_mim", **lmim, **{"eval.knn.protocol": "latentmim"})["knn/loo_top1"][1]
+    # UMD's 100-shot figure: B/4 at 64 px, 800 epochs, eval.fewshot with 100 shots first
+    umd = {"model.img_size": "64", "model.patch_size": "4", "train.epochs": "800",
+           "eval.fewshot.l2_reg": "1024.0", "eval.fewshot.pooling": "cls"}
+    assert paper("umd", **umd, **{"eval.fewshot.shots": "[100]"})["fewshot/top1"][0] == 31.8
+    assert paper("umd", **umd, **{"eval.fewshot.shots": "[10, 100]"}) == {}
+
+
+def test_every_paper_entry_names_a_source_and_reads_the_resolved_configs_keys():
+    from dataclasses import asdict
+
+    import yaml
+
+    from evaluation.report_tables import PAPERS, matches
+    from hpc_mim.config import load_config
+    from hpc_mim.tracking import flatten
+    entries = yaml.safe_load(PAPERS.read_text())
+    keys = set(flatten(asdict(load_config("mae"))))
+    for entry in entries:
+        assert entry["source"].strip() and entry["figures"]
+        assert set(entry["when"]) <= keys, set(entry["when"]) - keys   # a typo would never match
+    # each method's own config: UMD's recipe is its paper's setting; MAE's 800 epochs is not
+    shown = {m: {k for e in entries if e["method"] == m and
+                 matches(flatten(asdict(load_config(m))), e["when"]) for k in e["figures"]}
+             for m in ("mae", "latent_mim", "lut", "umd")}
+    assert shown == {"mae": set(), "latent_mim": {"linear_probe/top1", "finetune/top1"},
+                     "lut": set(), "umd": {"fewshot/top1"}}
+
+
+def test_a_knn_column_per_protocol_reported_and_rows_on_different_protocols_are_warned():
+    dino, lmim = result("mae", 0, 70.0), result("lut", 0, None)
+    lmim.metrics = {"pretrained": {"knn/loo_top1": 40.0}}
+    lmim.job_status = {"pretrained": {"knn": "FINISHED"}}
+    dino.config, lmim.config = {"eval.knn.protocol": "dino"}, {"eval.knn.protocol": "latentmim"}
+    report = build([dino, lmim])
+    assert [c.key for c in report["columns"]] == ["knn/top1", "knn/loo_top1"]
+    assert any("different evaluation protocols (eval.knn.protocol: dino, latentmim)" in w
+               for w in report["provenance"]["warnings"])
+    assert [c.key for c in build([dino])["columns"]] == ["knn/top1"]   # no empty loo column
 
 
 def test_best_rule_takes_the_curve_maximum():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 from evaluation.dense_heads import UperNetHead, default_blocks, rescale
@@ -149,3 +150,121 @@ def test_upernet_batchnorms_over_two_ranks_match_one_process_on_the_whole_batch(
     head, blocks, _ = head_and_batch(1)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         head(blocks)
+
+
+# ------------------------------------------------------------------ mmseg's heads and losses
+
+def tiny_segmenter(aux_channels: int = 16) -> Segmenter:
+    torch.manual_seed(0)
+    enc = ViTEncoder(img_size=32, patch_size=4, embed_dim=32, depth=6, num_heads=2)
+    return Segmenter(enc, num_classes=11, channels=64, blocks=default_blocks(6), aux_channels=aux_channels)
+
+
+def test_auxiliary_head_is_mmsegs_fcn_head_on_the_third_neck_map():
+    """upernet_mae.py's auxiliary_head: FCNHead(in_index=2, channels=256 (16 here), num_convs=1,
+    kernel 3, concat_input=False, dropout_ratio=0.1, SyncBN); conv_seg normal(0, 0.01)."""
+    from hpc_mim.models.heads import SyncBatchNorm2d
+    model = tiny_segmenter()
+    conv, norm, act = model.aux_head.convs
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.padding, conv.bias) == \
+        (32, 16, (3, 3), (1, 1), None)
+    assert isinstance(norm, SyncBatchNorm2d) and isinstance(act, nn.ReLU)
+    assert isinstance(model.aux_head.dropout, nn.Dropout2d) and model.aux_head.dropout.p == 0.1
+    assert isinstance(model.head.dropout, nn.Dropout2d) and model.head.dropout.p == 0.1
+    for cls in (model.aux_head.classifier, model.head.classifier):       # mmseg's conv_seg init
+        assert cls.kernel_size == (1, 1) and cls.out_channels == 11
+        assert abs(cls.weight.std().item() - 0.01) < 0.002 and not cls.bias.any()
+    # mmcv ConvModule: kaiming normal, fan_out, ReLU gain: std sqrt(2 / (out * k * k))
+    fuse = model.head.fuse[0]
+    assert fuse.weight.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
+    # the auxiliary head reads the x1 map: block default_blocks(6)[2] itself
+    seen = []
+    model.aux_head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x, aux=True)
+        assert torch.equal(seen[0], model.encoder.forward_intermediates(x, [model.blocks[2]])[0])
+
+
+def test_loss_is_decode_plus_0_4_aux_each_averaged_over_all_pixels():
+    """mmseg's losses: CrossEntropyLoss (avg_non_ignore=False: the mean over every pixel, an
+    ignored one counting 0) of the decode head + 0.4 x that of the auxiliary head, both at the
+    label's size; SegmentationTask.forward calls the model with aux=True."""
+    from evaluation.segmentation import SegmentationTask
+    model = tiny_segmenter().train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    y = torch.randint(0, 11, (2, 32, 32), generator=g)
+    y[:, :, 20:] = IGNORE                                      # padding: ignored
+    task = SegmentationTask.__new__(SegmentationTask)          # only what forward reads
+    task.device, task.aux_weight = torch.device("cpu"), 0.4
+    torch.manual_seed(5)                                       # the same dropout masks below
+    out = task.forward(model, (x, y))
+    torch.manual_seed(5)
+    logits, aux = model(x, aux=True)
+    assert logits.shape == aux.shape == (2, 11, 32, 32)
+
+    def by_hand(z: torch.Tensor) -> torch.Tensor:
+        logp = z.float().log_softmax(1)
+        keep = y != IGNORE
+        picked = logp.gather(1, y.clamp(max=10)[:, None])[:, 0]
+        return -(picked * keep).sum() / y.numel()               # all 2 x 32 x 32 pixels
+    torch.testing.assert_close(out["decode"], by_hand(logits))
+    torch.testing.assert_close(out["aux"], by_hand(aux))
+    torch.testing.assert_close(out["loss"], by_hand(logits) + 0.4 * by_hand(aux))
+    # not PyTorch's default mean over the labelled pixels only
+    assert not torch.allclose(out["decode"], F.cross_entropy(logits, y, ignore_index=IGNORE))
+
+
+def test_auxiliary_head_is_not_used_at_inference():
+    model = tiny_segmenter().eval()
+    calls = []
+    model.aux_head.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        logits = slide_logits(model, x, 11, 32, 16)
+        out = model(x[..., :32, :32])
+        for p in model.aux_head.parameters():                  # its weights change nothing
+            p.add_(1.0)
+        assert torch.equal(model(x[..., :32, :32]), out)
+    assert logits.shape == (1, 11, 40, 48) and isinstance(out, torch.Tensor) and not calls
+    no_aux = tiny_segmenter(aux_channels=0)
+    assert no_aux.aux_head is None and no_aux(torch.randn(2, 3, 32, 32), aux=True)[1] is None
+
+
+def test_segmentation_defaults_are_the_mae_ade20k_protocol():
+    from hpc_mim.eval_options import SegmentationConfig
+    s = SegmentationConfig()
+    assert (s.aux_weight, s.aux_channels, s.photometric, s.cat_max_ratio, s.rel_pos) == \
+        (0.4, 256, True, 0.75, True)
+    assert (s.channels, s.crop_size, s.stride, s.scale, s.layer_decay) == (768, 512, 341, 512, 0.65)
+
+
+def test_segmentation_end_to_end_on_a_tiny_run(tmp_path, data_root, monkeypatch):
+    """The smoke preset's segmentation (3 steps, 32 px crops) from a run directory: the
+    relative position table is added on the crop's 8 x 8 token grid, and the run trains with
+    the auxiliary head and the photometric distortion, then evaluates by sliding windows."""
+    from evaluation import segmentation
+    from hpc_mim import tracking
+    from hpc_mim.config import load_config, save_config
+    from hpc_mim.models.relpos import RelPosAttention
+    from hpc_mim.rundir import RunDir
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)   # join() exports them: not into later tests' jobs
+    cfg = load_config("mae", "smoke", overrides=[f"data.root={data_root}", "eval.baselines=[]"])
+    run = RunDir(tmp_path / "run").create()
+    save_config(cfg, run.config)
+    uri = tracking.default_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "test")
+    run.write_tracking({"uri": uri, "experiment_id": exp,
+                        "run_id": tracking.MLflowLogger.create_run(uri, exp, "pretrain").run_id})
+    added, add = [], segmentation.add_relative_position
+
+    def record(encoder, kind, grid, *args, **kwargs):
+        add(encoder, kind, grid, *args, **kwargs)
+        added.append((kind, tuple(grid), all(isinstance(b.attn, RelPosAttention) for b in encoder.blocks)))
+    monkeypatch.setattr(segmentation, "add_relative_position", record)
+    out = segmentation.main(str(run.root), baseline="random_init")["random_init"]
+    assert added == [("table", (8, 8), True)]
+    assert 0 <= out["miou"] <= 100 and 0 <= out["pixel_acc"] <= 100

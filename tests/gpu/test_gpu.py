@@ -257,16 +257,41 @@ def test_gpu_loader_normalises_in_torch_without_cupy(device, tmp_path, monkeypat
         return
     raw = ((image * torch.tensor(std, device=device).view(1, 3, 1, 1)
             + torch.tensor(mean, device=device).view(1, 3, 1, 1)) * 255).round().to(torch.uint8)
-    rand_augment(image, mean, std)                               # first call: tables copied once
+    for policy in ("rand-m9-mstd0.5-inc1", "tv-rand-n2-m9"):
+        rand_augment(image, mean, std, policy)                   # first call: tables copied once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = rand_augment(image, mean, std, num_ops=2, magnitude=9)
+        out = rand_augment(image, mean, std, "rand-m9-mstd0.5-inc1")   # MAE's (timm's policy)
+        out_tv = rand_augment(image, mean, std, "tv-rand-n2-m9")
         again = normalize_uint8(raw.contiguous(memory_format=torch.channels_last), mean, std)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.dtype == torch.float32 and out.device == device and torch.isfinite(out).all()
+    assert torch.isfinite(out_tv).all()
     torch.testing.assert_close(again, image, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CUDA kernels")
+def test_batched_timm_rand_augment_ops_match_the_cpu_on_the_gpu(device):
+    """On a CPU every op of hpc_mim/data/randaugment_timm.py equals timm's PIL op to the bit
+    (tests/test_randaugment_timm.py); on the GPU the same float operations run as separate
+    kernels, so they should agree too: at most 0.1% of an op's values may differ (a libm
+    cos / sin or a float64 bicubic value on the other side of an integer)."""
+    from hpc_mim.data.randaugment_timm import INCREASING, apply_timm_ops, fill_for
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 48, 64), dtype=torch.uint8, generator=g)
+    x[0] = torch.randint(100, 121, (3, 48, 64), dtype=torch.uint8, generator=g)   # low contrast
+    mags = torch.rand(16, dtype=torch.float64, generator=g) * 10
+    negate = torch.rand(16, generator=g) > 0.5
+    mean = (0.485, 0.456, 0.406)
+    for k, name in enumerate(INCREASING):
+        choice = torch.full((16,), k)
+        want = apply_timm_ops(x, choice, mags, negate, INCREASING, fill_for(mean, torch.device("cpu")))
+        got = apply_timm_ops(x.to(device), choice.to(device), mags.to(device), negate.to(device),
+                             INCREASING, fill_for(mean, device))
+        wrong = int((got.cpu() != want).sum())
+        assert wrong <= 1e-3 * x.numel(), (name, wrong)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares CUDA kernels")

@@ -77,3 +77,33 @@ def test_similarity_target_follows_a_cosine_from_start_to_end(monkeypatch):
         out = method({"image": torch.randn(2, 3, 35, 35)})
         # c * (avgsim(pred) - s)^2 + c * (avgsim(vis) - s)^2 with c = 1
         assert math.isclose(out["sim_reg"].item(), 2 * (0.5 - s) ** 2, abs_tol=1e-6)
+
+
+def test_decoder_queries_are_its_own_cls_token_and_a_zero_mask_token():
+    """yibingwei-1/LatentMIM:xvits.py ``CrossDecoder``: mask_token zeros_ at init, the query
+    sequence is [decoder cls_token (normal 0.02, zero position embedding); mask tokens + visual
+    cue + position embedding]; the encoder's cls token stays among the keys."""
+    cfg = load_config("latent_mim", "smoke")
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.method)
+    dec = method.decoder
+    assert torch.count_nonzero(dec.mask_token) == 0
+    assert dec.cls_token.shape == (1, 1, cfg.method.decoder_dim) and dec.cls_token.requires_grad
+    assert 0.005 < dec.cls_token.std().item() < 0.05
+    seen = {}
+    dec.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(q=a[0].detach(), kv=a[1].detach()))
+    b, keep = 3, 5
+    visible = torch.randn(b, 1 + keep, cfg.model.embed_dim)
+    ids = torch.argsort(torch.rand(b, 49), dim=1)
+    ids_keep, ids_target = ids[:, :keep], ids[:, keep:]
+    dec(visible, ids_keep, ids_target)
+    q, kv = seen["q"], seen["kv"]
+    assert torch.equal(q[:, 0], dec.cls_token.detach().expand(b, 1, -1)[:, 0])
+    v = dec.embed(visible).detach()
+    pos = dec.pos_embed[0, 1:]                                            # (L, d)
+    d = v.shape[-1]
+    for n in range(b):
+        pe_q, pe_k = pos[ids_target[n]], pos[ids_keep[n]]
+        cue = torch.softmax(pe_q @ pe_k.T / d ** 0.5, dim=-1) @ v[n, 1:]
+        assert torch.allclose(q[n, 1:], cue + pe_q, atol=1e-5)            # + mask token 0
+        assert torch.allclose(kv[n, 0], v[n, 0])                          # encoder cls: a key

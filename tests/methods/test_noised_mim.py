@@ -1,5 +1,7 @@
 """noised_mim against shared/methods.md (no reference code exists), written independently of
 the implementation: the disruption term by loops, where the noise goes, the ablations."""
+import math
+
 import pytest
 import torch
 
@@ -65,6 +67,71 @@ def test_noise_lands_on_the_noised_tokens_after_block_k(monkeypatch, k):
     assert torch.equal(changed[:, 1:], noised)
     assert not (masked & noised).any()
     assert noised.sum(1).tolist() == [int(49 * 0.2)] * 2 and masked.sum(1).tolist() == [int(49 * 0.6)] * 2
+
+
+def capture_draws(monkeypatch) -> dict:
+    """Record every torch.randn_like and torch.randint result (the noise and the timesteps)."""
+    draws = {"randn_like": [], "randint": []}
+    for name in draws:
+        real = getattr(torch, name)
+
+        def wrapped(*a, _real=real, _name=name, **k):
+            out = _real(*a, **k)
+            draws[_name].append(out)
+            return out
+        monkeypatch.setattr(torch, name, wrapped)
+    return draws
+
+
+def test_feature_noise_is_scaled_to_each_tokens_rms_and_stops_at_snr_one(monkeypatch):
+    """The choice documented in noised_mim.py: h' = sqrt(a) h + sqrt(1 - a) rms(h) eps with
+    rms(h) = sqrt(mean_d h_d^2) per token, a = alpha_bar(t) of the cosine schedule (T = 1000),
+    t < noise_max_t = 500 (alpha_bar >= 0.49). The earlier noise was unit-scale and reached
+    t = 999 (alpha_bar ~ 0: pure noise)."""
+    k = 2
+    cfg = load_config("noised_mim", "smoke", overrides=TINY + [f"method.noised_mim.noise_block={k}"])
+    method = build_method(cfg.model, cfg.method)                # the defaults: rms, t < 500
+    sets, seen = {}, {}
+    real = nm.hybrid_masking
+    monkeypatch.setattr(nm, "hybrid_masking", lambda *a: sets.setdefault("v", real(*a)))
+    method.encoder.blocks[k - 1].register_forward_hook(lambda m, a, o: seen.update(out=o.detach()))
+    method.encoder.blocks[k].register_forward_pre_hook(lambda m, a: seen.update(into=a[0].detach()))
+    draws = capture_draws(monkeypatch)
+    b = 64
+    method({"image": torch.randn(b, 3, 28, 28)})
+    t = draws["randint"][-1]                                  # the timesteps, (B,)
+    eps = draws["randn_like"][-1]                             # the feature noise, (B, L, D)
+    assert t.shape == (b,) and int(t.max()) < 500 and int(t.max()) > 400     # drawn over [0, 500)
+    f = lambda u: math.cos((u / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+    h = seen["out"][:, 1:]
+    noised = sets["v"][1]
+    for n in range(b):
+        a = f(int(t[n]) + 1) / f(0)                           # cosine alpha_bar, nothing clipped
+        rms = h[n].pow(2).mean(-1, keepdim=True).sqrt()       # (L, 1)
+        expected = math.sqrt(a) * h[n] + math.sqrt(1 - a) * rms * eps[n]
+        got = seen["into"][n, 1:]
+        assert torch.allclose(got[noised[n]], expected[noised[n]], atol=1e-5)
+        assert torch.equal(got[~noised[n]], h[n][~noised[n]])
+
+
+def test_unit_noise_and_the_full_range_stay_options(monkeypatch):
+    k = 1
+    cfg = load_config("noised_mim", "smoke", overrides=[
+        "method.noised_mim.noise_scale=unit", "method.noised_mim.noise_max_t=1000"])
+    method = build_method(cfg.model, cfg.method)
+    sets, seen = {}, {}
+    real = nm.hybrid_masking
+    monkeypatch.setattr(nm, "hybrid_masking", lambda *a: sets.setdefault("v", real(*a)))
+    method.encoder.blocks[k - 1].register_forward_hook(lambda m, a, o: seen.update(out=o.detach()))
+    method.encoder.blocks[k].register_forward_pre_hook(lambda m, a: seen.update(into=a[0].detach()))
+    draws = capture_draws(monkeypatch)
+    method({"image": torch.randn(64, 3, 28, 28)})
+    t, eps = draws["randint"][-1], draws["randn_like"][-1]
+    assert int(t.max()) >= 500
+    a = method.alphas_cumprod[t].float().view(-1, 1, 1)
+    expected = a.sqrt() * seen["out"][:, 1:] + (1 - a).sqrt() * eps
+    noised = sets["v"][1]
+    assert torch.allclose(seen["into"][:, 1:][noised], expected[noised], atol=1e-5)
 
 
 def test_block_zero_noises_pixels_of_the_noised_patches_only(monkeypatch):

@@ -153,11 +153,13 @@ def test_decoder_gets_the_mean_of_the_cls_tokens_as_its_one_prefix_token():
     assert method.decoder.pos_embed.shape[1] == 1 + 49
 
 
-def test_learned_position_embeddings_are_the_authors_option(tmp_path):
-    """model.pos_embed=learned: encoder and decoder learn their patch position embeddings (the
-    cls tokens get none), they are trained, exported, reloaded, and resampled for other sizes."""
+def test_learned_position_embeddings_are_the_authors_recipe(tmp_path):
+    """model.pos_embed: learned (umd.yaml, the authors' models/ae.py): encoder and decoder learn
+    their patch position embeddings (the cls tokens get none), they are trained, exported,
+    reloaded, and resampled for other sizes; sincos stays an option."""
     from hpc_mim.models.vit import load_encoder, save_encoder
-    cfg = load_config("umd", "smoke", overrides=["model.pos_embed=learned"])
+    cfg = load_config("umd", "smoke")
+    assert cfg.model.pos_embed == "learned"
     method = build_method(cfg.model, cfg.method)
     enc_pos, dec_pos = method.encoder.pos_embed_learned, method.decoder.pos_embed_learned
     assert enc_pos.shape == (1, 49, 32) and dec_pos.shape == (1, 49, 32)
@@ -172,7 +174,8 @@ def test_learned_position_embeddings_are_the_authors_option(tmp_path):
     assert torch.equal(again.pos_embed_learned, enc_pos)
     x = torch.randn(2, 3, 28, 28)
     assert torch.allclose(again.eval()(x), method.encoder.eval()(x), atol=1e-6)
-    assert build_method(load_config("umd", "smoke").model, cfg.method).encoder.pos_embed_learned is None
+    sincos = load_config("umd", "smoke", overrides=["model.pos_embed=sincos"])
+    assert build_method(sincos.model, cfg.method).encoder.pos_embed_learned is None
 
 
 def test_decoder_output_is_modulated_by_the_timestep_before_the_prediction():
