@@ -10,7 +10,10 @@ x1, x0.5: strides 4-32 for ViT-B/16) plus a pooled level by the simple feature p
 (evaluation/dense_heads.py), and the pyramid feeds torchvision's Mask R-CNN (Faster R-CNN when
 the annotations have no masks) with ViTDet's heads (evaluation/vitdet_heads.py: 2-conv RPN
 head, 4-conv + 1-fc box head and 4-conv mask head with LayerNorm; ``heads: torchvision`` keeps
-torchvision's defaults). Training images: flip + large-scale jitter (hpc_mim/data/lsj.py: scale
+torchvision's defaults), detectron2's ROIAlignV2 pooling (aligned, adaptive sampling; 7 x 7 boxes,
+14 x 14 masks; ``roi_align: v1`` = torchvision's) and L1 box losses (evaluation/vitdet_losses.py:
+RPN and Fast R-CNN, normalised as detectron2; ``box_loss: smooth_l1`` = torchvision's, beta
+1/9). Training images: flip + large-scale jitter (hpc_mim/data/lsj.py: scale
 0.1-2.0 of ``image_size``, ``image_size`` crop; ``lsj: false`` resizes every image to
 ``image_size`` instead); evaluation images: longest side resized to ``image_size`` (torchvision's
 transform, which also normalises). Every batch is padded to an ``image_size`` square after
@@ -22,9 +25,8 @@ AP50 / AP75 and mask AP from pycocotools, every ``eval_every`` iterations and at
 0 gathers the results, runs COCOeval once and broadcasts the metrics. Trained by the one
 training loop (checkpoints, exact resume, NaN stop) on all of the job's ranks.
 
-Not reproduced from detectron2: its L1 box losses (torchvision: smooth L1, beta 1/9),
-ROIAlignV2 (aligned=True, adaptive sampling; torchvision's MultiScaleRoIAlign: aligned=False,
-sampling ratio 2) and its pixel-space polygon masks (masks here are rasterised at load).
+Not reproduced from detectron2: its pixel-space polygon masks (masks here are rasterised at
+load).
 
 Precision: with ``precision: bf16`` the loop runs the forward under bf16 autocast, and only the
 backbone (ViT + simple feature pyramid) follows it; its maps are cast to fp32 and the R-CNN
@@ -57,9 +59,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign, box_convert
+from torchvision.ops import box_convert
 
 from evaluation import vitdet_heads as heads
+from evaluation import vitdet_losses
 from evaluation.common import EvalContext, encoder_for, parse_args, run_eval
 from evaluation.dense_heads import SimpleFeaturePyramid
 from evaluation.dense_task import DenseTask, to_device
@@ -111,11 +114,13 @@ class Detector(EncoderModel):
         super().__init__()
         anchors = AnchorGenerator(tuple((a,) for a in s.anchor_sizes), ((0.5, 1.0, 2.0),) * 5)
         c, kind = s.fpn_channels, s.heads
+        patch = encoder.patch_size
+        scales = [f / patch for f in s.scale_factors]           # 1 / stride of levels "0".."3"
         kwargs: dict[str, Any] = dict(
             num_classes=None, min_size=s.image_size, max_size=s.image_size,
             image_mean=list(mean), image_std=list(std), rpn_anchor_generator=anchors,
             rpn_head=heads.rpn_head(kind, c, anchors.num_anchors_per_location()[0]),
-            box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+            box_roi_pool=heads.roi_pool(s.roi_align, 7, scales),
             box_head=heads.box_head(kind, c, s.box_head_dim),
             box_predictor=heads.box_predictor(kind, s.box_head_dim, num_classes),
             box_batch_size_per_image=s.rois_per_image, box_detections_per_img=s.detections_per_image,
@@ -127,16 +132,17 @@ class Detector(EncoderModel):
             # large-scale jitter has sized the training images already (<= image_size)
             _skip_resize=s.lsj)
         if masks:
-            kwargs.update(mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2),
+            kwargs.update(mask_roi_pool=heads.roi_pool(s.roi_align, 14, scales),
                           mask_head=heads.mask_head(kind, c),
                           mask_predictor=heads.mask_predictor(kind, c, num_classes))
         detector = MaskRCNN if masks else FasterRCNN
         window = s.window_size if s.attention == "window" else 0
-        patch = encoder.patch_size
         backbone = ViTDetBackbone(encoder, c, s.scale_factors, window,
                                   s.global_blocks or evenly_spaced(encoder.depth),
                                   (s.image_size // patch,) * 2 if s.rel_pos else None)
         self.rcnn = detector(backbone, **kwargs)
+        if s.box_loss == "l1":
+            vitdet_losses.use_l1_box_losses(self.rcnn)
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):
         # torchvision's GeneralizedRCNN calls the backbone between its transform and its RPN:

@@ -27,11 +27,24 @@ structures match; the inits are set to detectron2's where torchvision's differ):
 ``eval.detection.heads: torchvision`` keeps torchvision's default heads (one-conv RPN, two-fc
 box head, mask head without norm) as the project ran them before: a departure kept for
 comparison with earlier results, not the paper protocol.
+
+RoI pooling (``PyramidRoIAlign``) is detectron2's ``ROIPooler`` (modeling/poolers.py) with
+``pooler_type="ROIAlignV2"``, ``sampling_ratio=0`` (configs/common/models/mask_rcnn_fpn.py; 7 x 7
+for boxes, 14 x 14 for masks): ``roi_align(aligned=True)`` (the half-pixel shift) with adaptive
+sampling, each box pooled from level floor(4 + log2(sqrt(area) / 224)) clamped to the pyramid.
+``eval.detection.roi_align: v1`` keeps torchvision's ``MultiScaleRoIAlign`` numbers
+(``aligned=False``, sampling ratio 2). Both take the levels' scales from the pyramid (1 /
+stride), not torchvision's inference: it guesses them once, from the first batch's largest
+*unpadded* image height, so a first batch of small (jittered) or landscape images fixes
+2x-wrong scales for the whole run.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from functools import partial
 
+import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 from torchvision.models.detection.faster_rcnn import (
@@ -41,6 +54,8 @@ from torchvision.models.detection.faster_rcnn import (
 )
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import LevelMapper
 
 HEADS = ("vitdet", "torchvision")
 # detectron2's get_norm("LN"): LayerNorm over C of (N, C, H, W), eps 1e-6, affine
@@ -104,3 +119,40 @@ def mask_predictor(kind: str, channels: int, num_classes: int) -> MaskRCNNPredic
         c2_msra_fill(predictor.conv5_mask)
         normal_fill(predictor.mask_fcn_logits, 0.001)
     return predictor
+
+
+class PyramidRoIAlign(MultiScaleRoIAlign):
+    """Boxes (image pixels, per image (n_i, 4) xyxy) on pyramid maps "0".."L-1" (B, C, H_l, W_l)
+    -> (sum n_i, C, size, size): each box from its FPN level (torchvision's ``LevelMapper``,
+    canonical 224 px at level 4: detectron2's ``assign_boxes_to_levels``, whose epsilon differs
+    only within ~1e-6 of a level boundary), by ``roi_align`` at that level's fixed scale.
+    A ``MultiScaleRoIAlign`` because torchvision's FasterRCNN accepts only that type;
+    ``forward`` mirrors torchvision's ``_multiscale_roi_align`` (ops/poolers.py: one
+    ``torch.where`` per level, as there) with ``aligned`` passed through."""
+
+    def __init__(self, output_size: int, scales: Sequence[float], aligned: bool, sampling_ratio: int) -> None:
+        super().__init__([str(i) for i in range(len(scales))], output_size, sampling_ratio)
+        self.aligned = aligned
+        self.scales = list(scales)                 # set: torchvision's forward would infer them
+        levels = [round(-math.log2(s)) for s in scales]
+        self.map_levels = LevelMapper(levels[0], levels[-1])
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        levels = self.map_levels(boxes)
+        maps = [x[name] for name in self.featmap_names]
+        out = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
+        for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
+            idx = torch.where(levels == level)[0]
+            out[idx] = roi_align(fmap, rois[idx], self.output_size, scale, self.sampling_ratio,
+                                 self.aligned).to(out.dtype)
+        return out
+
+
+def roi_pool(kind: str, output_size: int, scales: Sequence[float]) -> PyramidRoIAlign:
+    """``v2``: detectron2's ROIAlignV2 (aligned, adaptive sampling); ``v1``: torchvision's
+    ``MultiScaleRoIAlign`` arithmetic (not aligned, 2 x 2 samples per bin). ``scales``: 1 /
+    stride of each pyramid level, finest first (powers of two)."""
+    v2 = kind == "v2"
+    return PyramidRoIAlign(output_size, scales, aligned=v2, sampling_ratio=0 if v2 else 2)

@@ -271,9 +271,10 @@ class DetectionConfig(Trained):
     14 x 14 windowed attention with global attention in 4 evenly spaced blocks), ViTDet's
     heads (2-conv RPN, 4-conv + 1-fc box head and mask head with LayerNorm), large-scale jitter
     (scale 0.1-2.0, ``image_size`` crop) and decomposed relative positions in the attention
-    (detectron2 projects/ViTDet mask_rcnn_vitdet_b_100ep.py). Departures, each an option:
-    ``heads: torchvision`` (torchvision's default heads), ``lsj: false`` (flip only, every
-    image resized to ``image_size``), ``rel_pos: false``."""
+    (detectron2 projects/ViTDet mask_rcnn_vitdet_b_100ep.py), detectron2's L1 box losses and
+    ROIAlignV2. Departures, each an option: ``heads: torchvision`` (torchvision's default
+    heads), ``lsj: false`` (flip only, every image resized to ``image_size``), ``rel_pos:
+    false``, ``box_loss: smooth_l1`` and ``roi_align: v1`` (torchvision's)."""
     nodes: int = 0
     dataset: str = "coco"
     steps: int = 184375
@@ -291,6 +292,8 @@ class DetectionConfig(Trained):
     lsj: bool = True                    # ViTDet's large-scale jitter in training
     lsj_scale: list[float] = field(default_factory=lambda: [0.1, 2.0])   # x image_size
     rel_pos: bool = True                # decomposed relative positions (ViTDet use_rel_pos)
+    box_loss: str = "l1"                # l1 (detectron2, smooth_l1_beta 0) | smooth_l1 (torchvision, beta 1/9)
+    roi_align: str = "v2"               # v2 (ROIAlignV2: aligned, adaptive) | v1 (torchvision: sampling 2)
     anchor_sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # per level
     rois_per_image: int = 512
     # RPN proposals kept before / after NMS, training and test, and detections per image:
@@ -320,6 +323,10 @@ class DetectionConfig(Trained):
         _check(self.image_size % 32 == 0, "detection.image_size", "must be a multiple of 32")
         _check(self.heads in ("vitdet", "torchvision"), "detection.heads",
                f"{self.heads!r}; choose vitdet or torchvision")
+        _check(self.box_loss in ("l1", "smooth_l1"), "detection.box_loss",
+               f"{self.box_loss!r}; choose l1 or smooth_l1")
+        _check(self.roi_align in ("v2", "v1"), "detection.roi_align",
+               f"{self.roi_align!r}; choose v2 or v1")
         _check(len(self.lsj_scale) == 2 and 0 < self.lsj_scale[0] <= self.lsj_scale[1],
                "detection.lsj_scale", f"{self.lsj_scale}: [min, max], 0 < min <= max")
 
