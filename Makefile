@@ -13,7 +13,7 @@ setup:
 data: setup
 	@test -f data/fmnist/train.beton || $(PY) -m data_prep.fashion_mnist --out data/fmnist
 	@test -f data/fmnist_scenes/coco/annotations/instances_val2017.json || \
-		$(PY) -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500
+		$(PY) -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500 --force
 
 # 8.5-9 min from a fresh clone on 2 AVX-512 cores, ~14-18 min estimated without AVX-512
 # (scripts/demo.sh converts the data on first use)

@@ -71,7 +71,7 @@ def make_data(root: Path) -> None:
     if (root / "imagenet" / "val.beton").is_file():
         return
     for cmd in ([sys.executable, "-m", "data_prep.synthetic", "--out", str(root), "--classes", "4",
-                 "--train", "30", "--val", "8", "--scenes", "4"],
+                 "--train", "30", "--val", "8", "--scenes", "4", "--force"],   # redone after a failure
                 [sys.executable, "-m", "data_prep.image_folder", "--src", str(root / "imagenet_tree"),
                  "--out", str(root / "imagenet"), "--mode", "jpg"]):
         r = sh(*cmd)

@@ -2,7 +2,7 @@
 real ADE20K layout and the COCO instances format, so the evaluations read them with the same
 loaders as the real datasets.
 
-    python -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500 --size 64
+    python -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500 --size 64 [--force]
 
 Each scene: a plain or textured background and 2-4 items (train scenes use training items, val
 scenes test items), each rescaled to 18-40 px and placed at random; later items occlude earlier
@@ -17,11 +17,19 @@ labelled "ignore" in the semantic map. Written:
     <out>/coco/annotations/instances_{train,val}2017.json
         one instance per visible item: polygon segmentation, bbox [x, y, w, h] and area of its
         visible part, category_id = Fashion-MNIST class + 1, iscrowd 0
+
+An ``<out>/ade20k`` or ``<out>/coco`` that exists is refused (named, exit code 2, nothing
+touched) unless ``--force``: with ``--out data`` the latter would be the registry root of the
+real COCO, whose ``annotations/instances_*2017.json`` and ``000000000001.jpg``... would be
+overwritten. With ``--force`` both are replaced whole (no scenes of a larger earlier run
+linger). The scenes are made in a staging folder (``<out>/.scenes.tmp-<host>-<pid>``) and moved
+into place at the end, so a failure leaves the old ones as they were.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +38,8 @@ import numpy as np
 from PIL import Image
 
 from data_prep.fashion_mnist import CLASSES, DEFAULT_SOURCE, load_split
-from data_prep.manifest import run_cli
+from data_prep.manifest import refuse_existing, replace_path, run_cli
+from hpc_mim.tempfiles import remove_stale, temp_name
 
 ADE_SPLITS = {"train": "training", "val": "validation"}
 MIN_VISIBLE_PIXELS = 16          # a mostly hidden item is not an instance (COCO drops tiny ones too)
@@ -136,15 +145,26 @@ def write_split(out: Path, split: str, count: int, items: np.ndarray, labels: np
 
 
 def generate(source: Path, out: Path, train: int, val: int, size: int = 64, threshold: int = 48,
-             seed: int = 0) -> dict[str, dict]:
+             seed: int = 0, force: bool = False) -> dict[str, dict]:
     if size < 40:
         raise ValueError(f"--size {size}: scenes must be >= 40 px to hold 18-40 px items")
+    targets = [out / "ade20k", out / "coco"]
+    refuse_existing(targets, force)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)                                # a killed run's staging folder
+    staging = temp_name(out / "scenes")
     written = {}
-    for split, count in (("train", train), ("val", val)):
-        items, labels = load_split(source, split)
-        written[split] = write_split(out, split, count, items, labels, size, threshold, seed)
-        n = len(written[split]["annotations"])
-        print(f"{split}: {count} scenes, {n} instances -> {out}/ade20k, {out}/coco")
+    try:
+        for split, count in (("train", train), ("val", val)):
+            items, labels = load_split(source, split)
+            written[split] = write_split(staging, split, count, items, labels, size, threshold, seed)
+            n = len(written[split]["annotations"])
+            print(f"{split}: {count} scenes, {n} instances -> {out}/ade20k, {out}/coco")
+        refuse_existing(targets, force)              # made meanwhile by someone else?
+        for target in targets:
+            replace_path(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return written
 
 
@@ -157,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64, help="canvas side in pixels")
     ap.add_argument("--threshold", type=int, default=48, help="item pixels are brighter than this")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true", help="replace <out>/ade20k and <out>/coco if they exist")
     args = ap.parse_args(argv)
     return run_cli(lambda: generate(args.source, args.out, args.train, args.val, args.size,
-                                    args.threshold, args.seed))
+                                    args.threshold, args.seed, args.force))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 memory at the papers' scale (``make check-paper-scale``, ``make gpu-check``) on machines that
 have none of the datasets (a GPU node without network, this project's CI). Not for accuracy.
 
-    python -m data_prep.synthetic --out data/synthetic --classes 4 --train 40 --val 10 --scenes 8
+    python -m data_prep.synthetic --out data/synthetic --classes 4 --train 40 --val 10 --scenes 8 [--force]
 
 Objects are drawn glyphs: 10 classes of shapes (disc, ring, square, frame, triangle, cross,
 bars, stripes, diagonal, checker) rendered with OpenCV, so nothing is downloaded. Written:
@@ -14,6 +14,13 @@ bars, stripes, diagonal, checker) rendered with OpenCV, so nothing is downloaded
 
 Convert the tree with ``python -m data_prep.image_folder --src <out>/imagenet_tree --out
 <out>/imagenet --mode jpg``; the scenes are read as they are.
+
+``<out>`` is often ``data.root``, where ``ADEChallengeData2016/`` and ``coco/`` are the registry
+roots of the real datasets: a target that exists is refused (each named, exit code 2, nothing
+touched) unless ``--force``, which replaces it (a symbolic link is replaced, never followed
+into what it points at). Everything is made in a private staging folder
+(``<out>/.synthetic.tmp-<host>-<pid>``) and moved into place at the end, so a failure or a kill
+leaves the old targets as they were.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 from data_prep import scenes
-from data_prep.manifest import run_cli
+from data_prep.manifest import refuse_existing, replace_path, run_cli
+from hpc_mim.tempfiles import remove_stale, temp_name
 
 GLYPHS = ("disc", "ring", "square", "frame", "triangle", "cross", "bars", "stripes",
           "diagonal", "checker")
@@ -106,23 +114,32 @@ def image_tree(out: Path, classes: int, per_class: dict[str, int], seed: int = 0
     return written
 
 
+# what is written into <out>: staged name -> final name (the registry's roots: ade20k ->
+# ADEChallengeData2016, coco -> coco)
+TARGETS = {"imagenet_tree": "imagenet_tree", "ade20k": "ADEChallengeData2016", "coco": "coco"}
+
+
 def generate(out: Path, classes: int, train: int, val: int, scene_count: int,
-             seed: int = 0) -> dict[str, int]:
+             seed: int = 0, force: bool = False) -> dict[str, int]:
     if not 1 <= classes <= len(GLYPHS):
         raise ValueError(f"--classes {classes}: choose 1..{len(GLYPHS)}")
-    n = image_tree(out / "imagenet_tree", classes, {"train": train, "val": val}, seed)
-    print(f"[synthetic] {n} JPEGs of {len(SIZES)} sizes, {classes} classes -> {out}/imagenet_tree")
-    rng = np.random.default_rng(seed + 1)
-    items, labels = glyphs(200, rng)
-    made = out / "scenes"
-    for split, count in (("train", scene_count), ("val", max(1, scene_count // 4))):
-        scenes.write_split(made, split, count, items, labels, SCENE_SHAPES, threshold=48,
-                           seed=seed, item_px=(60, 240), classes=list(GLYPHS))
-    # the registry's roots: ade20k -> ADEChallengeData2016, coco -> coco
-    for src, dst in (("ade20k", "ADEChallengeData2016"), ("coco", "coco")):
-        shutil.rmtree(out / dst, ignore_errors=True)
-        (made / src).rename(out / dst)
-    shutil.rmtree(made)
+    refuse_existing([out / name for name in TARGETS.values()], force)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)                                # a killed run's staging folder
+    staging = temp_name(out / "synthetic")
+    try:
+        n = image_tree(staging / "imagenet_tree", classes, {"train": train, "val": val}, seed)
+        print(f"[synthetic] {n} JPEGs of {len(SIZES)} sizes, {classes} classes -> {out}/imagenet_tree")
+        rng = np.random.default_rng(seed + 1)
+        items, labels = glyphs(200, rng)
+        for split, count in (("train", scene_count), ("val", max(1, scene_count // 4))):
+            scenes.write_split(staging, split, count, items, labels, SCENE_SHAPES, threshold=48,
+                               seed=seed, item_px=(60, 240), classes=list(GLYPHS))
+        refuse_existing([out / name for name in TARGETS.values()], force)   # made meanwhile?
+        for src, dst in TARGETS.items():
+            replace_path(staging / src, out / dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"[synthetic] {scene_count} + {max(1, scene_count // 4)} scenes of {SCENE_SHAPES} (h, w) "
           f"-> {out}/ADEChallengeData2016, {out}/coco")
     return {"images": n, "scenes": scene_count}
@@ -136,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", type=int, default=10, help="validation images per class")
     ap.add_argument("--scenes", type=int, default=8, help="training scenes (val: a quarter)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true",
+                    help="replace <out>/imagenet_tree, ADEChallengeData2016 and coco if they exist")
     args = ap.parse_args(argv)
-    return run_cli(lambda: generate(args.out, args.classes, args.train, args.val, args.scenes, args.seed))
+    return run_cli(lambda: generate(args.out, args.classes, args.train, args.val, args.scenes,
+                                    args.seed, args.force))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ alone talks to MLflow and writes run/evals/. A job stopped by the scheduler (USR
 checkpoints; when it starts again it continues the same child runs (tag ``restarts``), skips the
 encoders it had finished and resumes the current one from its checkpoint
 (run/evals/state/<child>-<config hash>/), so its final metrics are those of an uninterrupted run.
+
+Once an encoder's evaluation finished and its metrics are recorded (child.json ``finished``,
+evals/<child>.json, the MLflow child run), its checkpoints are removed (``prune``): a requeue
+or a re-run skips it on child.json alone (and prints where its metrics are), nothing reads
+them again, and a fine-tuning's full DeepSpeed state (weights, fp32 master copy, Adam moments)
+is several times the encoder's size. A kill between the record and the removal is made good by
+the next start, which prunes what it finds finished. ``eval.keep_checkpoints: true`` keeps them.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -157,6 +165,7 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
     for b in [b for b in baselines if b not in todo and proc.env.is_main]:
         print(f"[eval] {child_name(label, b)}: finished before this start, metrics in "
               f"{states[b] / 'child.json'}", flush=True)
+        prune(states[b], cfg.eval.keep_checkpoints)      # a kill may have come before it did
     info = cfg.dataset_info(dataset, key=f"eval.{name}.dataset")
     cache = None
     if cacheable and "random_init" in todo:
@@ -180,6 +189,7 @@ def run_eval(run_dir: str, name: str, body: Body, dataset: str = "", baseline: s
             if proc.env.is_main:
                 logger = loggers.pop(b)
                 finish(run, logger, label, b, metrics, states[b])
+                prune(states[b], cfg.eval.keep_checkpoints)
                 run.record_stage(label, b or "pretrained", time.time() - tic)
                 if b == "random_init" and cache is not None:
                     baseline_cache.store(cache, metrics, run, logger.run_id)
@@ -221,6 +231,20 @@ def finished(state: Path) -> dict[str, float] | None:
         return None
     data = json.loads(record.read_text())
     return data.get("metrics") if data.get("finished") else None
+
+
+def prune(state: Path, keep: bool = False) -> None:
+    """Remove a finished evaluation's checkpoints (``state``/checkpoints/), unless ``keep``:
+    child.json (the MLflow child run and the metrics), starts.log and evals/<child>.json stay,
+    which is all a re-run and the report read. Rank 0 alone, after ``finish`` recorded the
+    metrics: every rank is past the final save (its last barrier) by then."""
+    if keep or finished(state) is None:
+        return
+    folder = state / "checkpoints"
+    if folder.exists():
+        shutil.rmtree(folder)
+        print(f"[eval] removed {folder}: the evaluation finished, its metrics are recorded",
+              flush=True)
 
 
 def child_run(run: RunDir, label: str, name: str, baseline: str, dataset: str,

@@ -1,14 +1,24 @@
 """Frozen features for kNN, the linear probe and the few-shot probe: extracted once per encoder
 by all of the job's ranks (each a 1/world shard of the split, on its GPU when it has one),
-gathered, and cached in run/evals/features/ under the encoder's identity (the exported file's
-digest, or the architecture and seed of the random-init encoder) and what is read out (pooling,
-and whether before the final LayerNorm: LatentMIM's kNN reads it there), so the evaluations,
-and a requeued job, reuse them. An evaluation reads only the splits it needs (LatentMIM's kNN:
-the validation split alone).
+gathered, and cached in run/evals/features/ so the evaluations, and a requeued job, reuse them.
+An evaluation reads only the splits it needs (LatentMIM's kNN: the validation split alone).
+
+The cache key holds every input the features depend on (``cache_key``): the encoder's identity
+(the exported file's digest, or the architecture and seed of the random-init encoder), the
+dataset file's identity (its manifest's sha256 with its size, mtime and inode: a re-converted
+split is another file), the split, the normalisation (``data.normalize: symmetric`` changes
+the dataset's mean/std), the eval crop ratio, the image size, the number of samples and what
+is read out (pooling, and whether before the final LayerNorm: LatentMIM's kNN reads it there).
+The file name shows the readable part, ``<encoder>-<digest>-<dataset>-<split>-<readout>-<size>
+px-<samples>.pt``; the digest covers the rest. A file is written under a temporary name
+(``.<name>.tmp-<host>-<pid>``) and renamed into place; temporaries a killed job left behind are
+removed when a job next opens the cache (hpc_mim/tempfiles.py: a dead pid on this host, or
+older than this job and idle).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +31,9 @@ import torch.distributed as dist
 from evaluation.common import EvalContext, encoder_for
 from hpc_mim.config import Config
 from hpc_mim.data.ffcv_io import build_loader, iterate
+from hpc_mim.datasets import file_identity
 from hpc_mim.rundir import RunDir
+from hpc_mim.tempfiles import remove_stale, temp_name
 
 
 @torch.no_grad()
@@ -70,6 +82,33 @@ def gather_shards(local: torch.Tensor, world: int) -> torch.Tensor:
     for r, (part, size) in enumerate(zip(parts, sizes)):
         out[r::world] = part[:int(size)]
     return out
+
+
+def cache_key(encoder: str, info: dict[str, Any], split: str, dataset_file: str, img_size: int,
+              pooling: str, final_norm: bool, max_samples: int) -> str:
+    """The cache file's name (without ``.pt``) for the features of ``split`` of dataset ``info``
+    read by ``encoder`` (``encoder_key``). ``dataset_file``: the split file's identity
+    (hpc_mim.datasets.file_identity). Everything ``extract_features`` reads goes in: the
+    loader's mean/std (the normalisation) and eval crop ratio, the image size, the sample
+    count; the batch size and the number of ranks do not change the features."""
+    kind, _, _ = encoder.partition("-")          # pretrained, random_init, pixels
+    inputs = {"encoder": encoder, "dataset": info["name"], "split": split, "file": dataset_file,
+              "mean": [float(v) for v in info["mean"]], "std": [float(v) for v in info["std"]],
+              "eval_crop_ratio": float(info.get("eval_crop_ratio", 1.0)), "img_size": img_size,
+              "pooling": pooling, "final_norm": final_norm, "max_samples": max_samples}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
+    readout = pooling if final_norm else f"{pooling}-prenorm"
+    return f"{kind}-{digest}-{info['name']}-{split}-{readout}-{img_size}px-{max_samples or 'all'}"
+
+
+def dataset_file_identity(path: str) -> str:
+    """``file_identity`` of a split file, or "missing": rank 0 must reach the broadcast that
+    follows (the loader then names the missing file on every rank, rather than rank 0 alone
+    raising while the others wait in the collective)."""
+    try:
+        return file_identity(Path(path))
+    except OSError:
+        return "missing"
 
 
 def encoder_key(run: RunDir, cfg: Config, baseline: str) -> str:
@@ -137,12 +176,19 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
     0 saw (``VISIBLE_WAIT_S``) makes every rank extract that encoder again, together."""
     run, cfg, info, proc = ctx.run, ctx.cfg, ctx.info, ctx.proc
     encoders = {b: encoder_key(run, cfg, b) for b in baselines}    # hashes encoder.pt once
+    folder = run.evals / "features"
+    # rank 0's view of the dataset file, for all: a node whose NFS attribute cache still shows
+    # the file before a re-conversion would otherwise look for another name
+    seen = [dataset_file_identity(info[split]) if proc.env.is_main else None]
+    dist.broadcast_object_list(seen, src=0)
+    if proc.env.is_main:
+        for stale in remove_stale(folder):          # left by a killed job
+            print(f"[eval] removed {stale}, a temporary a killed job left", flush=True)
 
     def path(baseline: str) -> Path:
-        readout = pooling if final_norm else f"{pooling}-prenorm"   # the final norm's key
-        key = (f"{encoders[baseline]}-{info['name']}-{split}-{readout}-"
-               f"{cfg.model.img_size}px-{max_samples or 'all'}")
-        return run.evals / "features" / f"{key}.pt"
+        key = cache_key(encoders[baseline], info, split, seen[0], cfg.model.img_size, pooling,
+                        final_norm, max_samples)
+        return folder / f"{key}.pt"
 
     # rank 0's look at the cache; the broadcast also orders it before any write of rank 0's
     cached = agree_flags([proc.env.is_main and path(b).is_file() for b in baselines], proc.device)
@@ -163,9 +209,12 @@ def cached_features(ctx: EvalContext, baselines: list[str], split: str, pooling:
                     continue
                 f, y = out[b]
                 path(b).parent.mkdir(parents=True, exist_ok=True)
-                tmp = path(b).with_name(f".{path(b).name}.tmp{os.getpid()}")
-                torch.save((f.cpu(), y.cpu()), tmp)
-                os.replace(tmp, path(b))
+                tmp = temp_name(path(b))
+                try:
+                    torch.save((f.cpu(), y.cpu()), tmp)
+                    os.replace(tmp, path(b))
+                finally:
+                    tmp.unlink(missing_ok=True)
     return {b: (out[b][0].to(proc.device), out[b][1].to(proc.device)) for b in baselines}
 
 

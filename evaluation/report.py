@@ -14,6 +14,11 @@ history; code version and dataset digests per run, with a warning when they diff
 (mean ± std over seeds on a common step grid) and the diagnostics per layer. The markdown goes
 to stdout (and ``--md``); ``--html`` writes one self-contained page. Both are logged as
 artifacts of the sweep's MLflow run (or of each listed run) under ``report/``.
+
+Arguments are checked before anything is read or written (usage error, exit 2): each ``--rule``
+is ``COLUMN=last|best``, and the folder of each output file (``--html``, ``--md``, ``--json``)
+must exist. A missing folder is an error, not created: a mistyped path would otherwise leave a
+stray folder tree, and a report over an existing sweep goes beside it (runs/<sweep>/).
 """
 from __future__ import annotations
 
@@ -63,10 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if bool(args.sweep) == bool(args.run_dir):
         ap.error("give --sweep SWEEP or --run-dir DIR (repeatable)")
-    rules = dict(r.split("=", 1) for r in args.rule)
-    bad = [r for r in rules.values() if r not in ("last", "best")]
-    if bad:
-        ap.error(f"--rule: {bad[0]!r}; choose last or best")
+    rules = {}
+    for item in args.rule:
+        column, _, rule = item.partition("=")
+        if not column.strip() or rule not in ("last", "best"):
+            ap.error(f"--rule {item!r}: expected COLUMN=last|best, e.g. finetune/top1=best")
+        rules[column.strip()] = rule
+    if not 0 < args.alpha < 1:                       # also refuses nan
+        ap.error(f"--alpha {args.alpha}: a significance level in (0, 1)")
+    for flag in ("html", "md", "json"):
+        out = getattr(args, flag)
+        if out is not None and (out.is_dir() or not out.parent.is_dir()):
+            ap.error(f"--{flag} {out}: " + (f"{out} is a folder; give a file name" if out.is_dir()
+                                            else f"the folder {out.parent} does not exist"))
     if args.sweep:
         from jobs.sweep_arrays import find_sweep
         try:

@@ -1,7 +1,8 @@
 """What a comparison report reads: for each run (a sweep's cell, or a run directory), its
 method, seed and swept values, its pre-training run's curves, every evaluation's final metrics
 and curves, the diagnostics per layer, what reproduces it (code version, datasets), and what
-became of its jobs. Only run directories, sweep.json and MLflow are read.
+became of its jobs. Only run directories, sweep.json and MLflow are read. A run that cannot be
+read is listed with its error, URLs redacted (hpc_mim/redact.py: MLflow's texts carry them).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from hpc_mim.redact import redact
 from hpc_mim.rundir import RunDir
 from hpc_mim.tracking import fetch_runs, flatten, metric_history
 
@@ -61,7 +63,7 @@ def read_run(run_dir: Path, cell: str, group: str, seed: int | None = None) -> R
         uri = tracking["uri"]
         parent, *children = fetch_runs(uri, tracking["experiment_id"], tracking["run_id"])
     except Exception as e:  # noqa: BLE001 - a missing or unreachable run is listed, not fatal
-        result.error = f"{type(e).__name__}: {str(e)[:200]}"
+        result.error = redact(f"{type(e).__name__}: {e}")[:200]   # redacted, then cut: no half URL
         return result
     result.status = parent.info.status
     tags = parent.data.tags

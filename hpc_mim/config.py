@@ -7,7 +7,11 @@ A run's config is composed in this order (later wins):
 
 Every layer is checked against the dataclasses: an unknown key gets a did-you-mean, a value of
 the wrong type or an impossible value gets a ``ConfigError`` naming the dotted key and the file
-(or ``--set``) it came from. Nothing here imports torch, so the login-node CLI stays light.
+(or ``--set``) it came from. Every numeric key has its range (each section's ``RANGES`` table,
+checked as the value is read: hpc_mim/config_checks.py, so NaN, a negative step count or a
+zero divisor never reaches ``validate()`` or the job), no string may hold a control character,
+``name`` must be a plain folder name, and a YAML syntax error names the file and line. Nothing
+here imports torch, so the login-node CLI stays light.
 """
 from __future__ import annotations
 
@@ -17,11 +21,14 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from hpc_mim import datasets
+from hpc_mim.config_checks import (COUNT_MAX, LAYERS_MAX, MINUTES_MAX, PIXELS_MAX, SECONDS_MAX, SEED_MAX,
+                                   WIDTH_MAX, Range, check_run_name, check_saved_run_name, check_text,
+                                   check_tree, check_value, yaml_error)
 from hpc_mim.config_error import ConfigError  # noqa: F401 - raised here, and imported from here
 from hpc_mim.eval_options import EVAL_KINDS, EvalConfig, parse_entry
 from hpc_mim.methods.options import LatentMIMOptions, LUTOptions, NoisedMIMOptions, UMDOptions
@@ -55,16 +62,20 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     pos_embed: str = "sincos"           # sincos: fixed 2-D sin-cos (MAE) | learned (UMD's authors)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "img_size": f"[1, {PIXELS_MAX}]", "patch_size": f"[1, {PIXELS_MAX}]", "in_chans": "[1, 1024]",
+        "embed_dim": f"[1, {WIDTH_MAX}]", "depth": f"[1, {LAYERS_MAX}]", "num_heads": f"[1, {LAYERS_MAX}]",
+        "mlp_ratio": "(0, 1024]", "drop_path": ("[0, 1)", "a probability; 1 drops every residual branch")}
 
     def validate(self) -> None:
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            _check(getattr(self, key) > 0, f"model.{key}", "must be > 0")   # before dividing by them
         _check(self.img_size % self.patch_size == 0, "model.img_size",
                f"{self.img_size} is not a multiple of model.patch_size={self.patch_size}")
         _check(self.embed_dim % self.num_heads == 0, "model.embed_dim",
                f"{self.embed_dim} is not divisible by model.num_heads={self.num_heads}")
         _check(self.pos_embed in ("sincos", "learned"), "model.pos_embed",
                f"{self.pos_embed!r}; choose sincos or learned")
-        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            _check(getattr(self, key) > 0, f"model.{key}", "must be > 0")
 
 
 @dataclass
@@ -81,6 +92,10 @@ class MethodConfig:
     latent_mim: LatentMIMOptions = field(default_factory=LatentMIMOptions)
     lut: LUTOptions = field(default_factory=LUTOptions)
     umd: UMDOptions = field(default_factory=UMDOptions)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "mask_ratio": ("[0, 1)", "at least one patch must stay visible"),
+        "decoder_dim": f"[1, {WIDTH_MAX}]", "decoder_depth": f"[1, {LAYERS_MAX}]",
+        "decoder_heads": f"[1, {LAYERS_MAX}]"}
 
     def validate(self, depth: int | None = None) -> None:
         from hpc_mim.methods import REGISTRY  # the registry is a plain dict of import paths
@@ -88,6 +103,7 @@ class MethodConfig:
                f"unknown method {self.name!r}; choose one of {sorted(REGISTRY)}")
         _check(0.0 <= self.mask_ratio < 1.0, "method.mask_ratio",
                f"{self.mask_ratio} must be in [0, 1): at least one patch must stay visible")
+        _check(self.decoder_heads > 0, "method.decoder_heads", "must be > 0")   # before dividing by it
         _check(self.decoder_dim % self.decoder_heads == 0, "method.decoder_dim",
                f"{self.decoder_dim} is not divisible by method.decoder_heads={self.decoder_heads}")
         for section in METHOD_SECTIONS:      # checks against mask ratio / depth: chosen one only
@@ -111,6 +127,9 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 2
     max_train_samples: int = 0          # 0 = all; a prefix subset for quick runs
+    RANGES: ClassVar[dict[str, Range]] = {
+        "crop_scale": "(0, 1]", "crop_padding": f"[0, {PIXELS_MAX}]", "num_workers": "[1, 1024]",
+        "max_train_samples": (f"[0, {COUNT_MAX}]", "0 = all")}
 
     def validate(self) -> None:
         info = datasets.dataset_info(self.dataset, self.root)
@@ -157,6 +176,14 @@ class TrainConfig:
     log_every: int = 20                 # optimizer steps between metric points
     max_steps: int = 0                  # 0 = run all epochs; > 0 stops early (smoke tests)
     compile: bool = False               # torch.compile the method's networks (MIMMethod.compiled)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": "[1, 1000000]", "warmup_epochs": "[0, 1000000]", "batch_size": f"[1, {COUNT_MAX}]",
+        "micro_batch_size": f"[1, {COUNT_MAX}]", "blr": "(0, inf)", "min_lr": "[0, inf)",
+        "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "betas": ("[0, 1)", "Adam's decay rates"),
+        "clip_grad": ("[0, inf)", "0 = no clipping"), "zero_stage": "[0, 3]",
+        "zero_bucket_size": f"[1, {COUNT_MAX}]", "seed": (f"[0, {SEED_MAX}]", "numpy seeds are uint32"),
+        "log_every": f"[1, {COUNT_MAX}]",
+        "max_steps": (f"[0, {COUNT_MAX}]", "0 = all epochs; a negative count would train nothing")}
 
     def validate(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
@@ -199,6 +226,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 500              # periodic checkpoints cover kill -9 and node loss
     keep_last: int = 2
+    RANGES: ClassVar[dict[str, Range]] = {"every_steps": f"[1, {COUNT_MAX}]", "keep_last": "[1, 1000]"}
 
     def validate(self) -> None:
         _check(self.every_steps > 0, "checkpoint.every_steps", "must be > 0")
@@ -214,9 +242,18 @@ class TrackingConfig:
     # Lustre gets "database is locked" and corrupted: jobs/submit.py refuses such a SLURM
     # submission (multi-node, or a sweep) unless this is true (one machine's local disk).
     allow_file_store: bool = False
+    RANGES: ClassVar[dict[str, Range]] = {"retry_s": "(0, 86400]"}
 
     def validate(self) -> None:
         _check(self.retry_s > 0, "tracking.retry_s", "must be > 0")
+        # a secret here would reach config.yaml, the MLflow params, tracking.json, sweep.json,
+        # printed lines and MLflow's exception texts; the message shows the URI redacted
+        from hpc_mim.redact import redact, uri_secret
+        secret = uri_secret(self.uri)
+        _check(not secret, "tracking.uri",
+               f"{redact(self.uri)} holds {secret}; leave it out: MLflow reads "
+               "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+               "from the environment (a database store: e.g. PostgreSQL's ~/.pgpass or PGPASSWORD)")
 
 
 @dataclass
@@ -236,6 +273,12 @@ class ClusterConfig:
     # every rank's Python stacks in its log; requeued once, failed if it stalls there again.
     # Below collective_timeout_s, so the stacks are written before a collective times out
     stall_timeout_min: float = 20.0
+    RANGES: ClassVar[dict[str, Range]] = {
+        "nodes": "[1, 65536]", "tasks_per_node": "[1, 1024]", "gpus_per_node": "[0, 1024]",
+        "cpus_per_task": "[1, 4096]", "time_min": (f"[1, {MINUTES_MAX}]", "SLURM minutes, at most a year"),
+        "eval_time_min": (f"[1, {MINUTES_MAX}]", "SLURM minutes, at most a year"), "max_restarts": "[0, 10000]",
+        "rendezvous_timeout_s": f"[1, {SECONDS_MAX}]", "collective_timeout_s": f"[1, {SECONDS_MAX}]",
+        "stall_timeout_min": f"(0, {SECONDS_MAX // 60}]"}
 
     def validate(self) -> None:
         for key in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "eval_time_min"):
@@ -250,6 +293,9 @@ class ClusterConfig:
 class Config:
     name: str = ""                      # run name; "" = <method>-<timestamp>
     runs_root: str = "runs"
+    # run directories are their owner's only (0700, files 0600: write access to one is code
+    # execution in the jobs that resume from it); true: the group may read them (0750, 0640)
+    share_runs_with_group: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -262,6 +308,8 @@ class Config:
     evals: list[str] = field(default_factory=lambda: ["knn", "linear_probe"])
 
     def validate(self) -> "Config":
+        check_tree(self)                 # ranges first: the checks below divide by these values
+        check_saved_run_name(self.name)  # a sweep cell's saved config: <sweep>/<cell>
         for f in dataclasses.fields(self):
             validate = getattr(getattr(self, f.name), "validate", None)
             if validate is not None and f.name != "method":
@@ -317,7 +365,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 # --------------------------------------------------------------------------- composition
 
 def from_dict(cls: type, data: dict[str, Any], source: str = "", prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys, wrong types, numbers
+    out of their range and strings with control characters (hpc_mim/config_checks.py)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {data!r} ({source})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -326,10 +375,11 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "", prefix: str = "
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
+            close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key {dotted!r} ({source}){hint}")
         kwargs[key] = _coerce(hints[key], value, dotted, source)
+        check_value(cls, key, kwargs[key], dotted, source)
     return cls(**kwargs)
 
 
@@ -343,9 +393,13 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, key, source) for v in value]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2 ** 63:        # float() of a huge int raises OverflowError
+            raise ConfigError(f"{key}: {value!r} is too large for a float ({source})")
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({source})")
+    if tp is str:
+        check_text(value, key, source)
     return value
 
 
@@ -362,8 +416,15 @@ def _merge(base: dict, update: dict) -> dict:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml_load(f) or {}
+    except yaml.YAMLError as e:
+        raise yaml_error(str(path), e) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file: {e}") from None
+    except OSError as e:                 # unreadable: permissions, a folder, ...
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -374,7 +435,13 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected key=value, e.g. train.epochs=5")
     key, raw = text.split("=", 1)
-    value = yaml_load(raw) if raw.strip() else ""
+    # the raw text, before YAML reads it: YAML folds a newline into a space or drops what
+    # follows a '#', so the parsed value may look clean where the command line was not
+    check_text(text, key.strip(), "--set")
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise yaml_error(f"--set {text!r}", e) from None
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")
@@ -384,10 +451,13 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+_PLAIN_NAME = re.compile(r"[\w-]+")       # a method's or preset's file name, without folders
+
+
 def preset_layers(name: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """configs/presets/<name>.yaml, after the preset its ``base:`` key names (if any)."""
     path = CONFIG_DIR / "presets" / f"{name}.yaml"
-    if not path.is_file():
+    if not _PLAIN_NAME.fullmatch(str(name)) or not path.is_file():
         names = sorted(p.stem for p in (CONFIG_DIR / "presets").glob("*.yaml"))
         where = f" (base of {seen[-1]})" if seen else ""
         raise ConfigError(f"--preset {name!r}{where}: no such preset; choose one of {names}")
@@ -404,9 +474,9 @@ def load_config(method: str | None = None, preset: str | None = None,
     layers: list[tuple[str, dict]] = []
     if method:
         path = CONFIG_DIR / "methods" / f"{method}.yaml"
-        if not path.is_file():
+        if not _PLAIN_NAME.fullmatch(method) or not path.is_file():   # no '../' out of configs/methods
             from hpc_mim.methods import REGISTRY
-            raise ConfigError(f"--method {method!r}: no {path.relative_to(REPO_ROOT)}; "
+            raise ConfigError(f"--method {method!r}: no configs/methods/{method}.yaml; "
                               f"choose one of {sorted(REGISTRY)}")
         layers.append((str(path), _read_yaml(path)))
     if preset:
@@ -416,7 +486,9 @@ def load_config(method: str | None = None, preset: str | None = None,
 
     merged: dict[str, Any] = {}
     for source, data in layers:
-        from_dict(Config, data, source)  # check this layer alone so errors name its source
+        layer = from_dict(Config, data, source)  # check this layer alone so errors name its source
+        if "name" in data:               # a folder under runs_root: no '/', '..' (check_run_name)
+            check_run_name(layer.name, source)
         merged = _merge(merged, data)
     return from_dict(Config, merged, "merged config").validate()
 

@@ -7,13 +7,17 @@ list of the config: ``name`` (the section's own ``dataset``; "" = the pre-traini
 
     evals: [knn, linear_probe, linear_probe:cub, finetune, segmentation:ade20k, detection:coco]
 
-Torch-free, so the login-node CLI validates them before anything is queued.
+Every numeric option has its range in its class's ``RANGES`` table (inherited tables add up),
+checked as values are read (hpc_mim/config_checks.py). Torch-free, so the login-node CLI
+validates them before anything is queued.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from hpc_mim.config_checks import COUNT_MAX, LAYERS_MAX, MINUTES_MAX, PIXELS_MAX, WIDTH_MAX, Range
 from hpc_mim.config_error import ConfigError
 from hpc_mim.data.augment_policy import parse_auto_augment
 
@@ -48,6 +52,10 @@ class Resources:
     gpus_per_node: int = -1
     tasks_per_node: int = 0
     time_min: int = 0
+    RANGES: ClassVar[dict[str, Range]] = {
+        "nodes": ("[0, 65536]", "0 = as pre-training"), "gpus_per_node": ("[-1, 1024]", "-1 = as pre-training"),
+        "tasks_per_node": ("[0, 1024]", "0 = as pre-training"),
+        "time_min": (f"[0, {MINUTES_MAX}]", "SLURM minutes, at most a year; 0 = cluster.eval_time_min")}
 
     def resources(self, cluster) -> tuple[int, int, int, int]:
         """(nodes, tasks per node, GPUs per node, minutes) with the defaults resolved."""
@@ -83,6 +91,10 @@ class Trained(Resources):
     precision: str = "bf16"             # the papers trained with AMP; bf16 = autocast, fp32 weights
     zero_stage: int = 2
     clip_grad: float = 0.0
+    RANGES: ClassVar[dict[str, Range]] = {
+        "log_every": f"[1, {COUNT_MAX}]", "checkpoint_every": f"[1, {COUNT_MAX}]",
+        "eval_every": (f"[0, {COUNT_MAX}]", "0 = at the end only"), "zero_stage": "[0, 2]",
+        "clip_grad": ("[0, inf)", "0 = no clipping")}
 
     def check_trained(self, key: str) -> None:
         _check(self.precision in ("fp32", "bf16"), f"{key}.precision", "choose fp32 or bf16")
@@ -111,6 +123,9 @@ class KNNConfig(Resources):
     temperature: float = 0.07
     pooling: str = "cls"                # cls | mean
     max_train_samples: int = 0
+    RANGES: ClassVar[dict[str, Range]] = {
+        "ks": f"[1, {COUNT_MAX}]", "temperature": ("(0, inf)", "votes are weighted by exp(sim / T)"),
+        "max_train_samples": (f"[0, {COUNT_MAX}]", "0 = all")}
 
     def features(self) -> tuple[str, bool]:
         """(pooling, final_norm) of the features this protocol reads."""
@@ -120,6 +135,7 @@ class KNNConfig(Resources):
         _check_pooling("knn", self.pooling)
         _check(self.protocol in KNN_PROTOCOLS, "knn.protocol",
                f"{self.protocol!r}; choose from {list(KNN_PROTOCOLS)}")
+        _check(self.protocol != "dino" or bool(self.ks), "knn.ks", "give one or more k")
 
 
 @dataclass
@@ -134,6 +150,9 @@ class FewshotConfig(Resources):
     draws: int = 1                      # the authors log one draw (seed 0); draw d uses seed d
     pooling: str = "cls"                # UMD's pre_logits: the mean of its cls tokens, final norm
     max_train_samples: int = 0          # the pool the shots are drawn from (0 = the whole split)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "shots": f"[1, {COUNT_MAX}]", "l2_reg": "(0, inf)", "draws": "[1, 10000]",
+        "max_train_samples": (f"[0, {COUNT_MAX}]", "0 = all")}
 
     def features(self) -> tuple[str, bool]:
         return self.pooling, True
@@ -158,6 +177,9 @@ class LinearProbeConfig(Resources):
     weight_decay: float = 0.0
     pooling: str = "cls"
     max_train_samples: int = 0
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": "[1, 1000000]", "warmup_epochs": "[0, 1000000]", "batch_size": f"[1, {COUNT_MAX}]",
+        "blr": "(0, inf)", "weight_decay": "[0, inf)", "max_train_samples": (f"[0, {COUNT_MAX}]", "0 = all")}
 
     def validate(self) -> None:
         _check_pooling("linear_probe", self.pooling)
@@ -197,6 +219,15 @@ class FinetuneConfig(Trained):
     pooling: str = "mean"               # MAE fine-tunes on the average of the patch tokens
     max_train_samples: int = 0
     max_steps: int = 0                  # > 0 stops early (tests)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": "[1, 1000000]", "warmup_epochs": "[0, 1000000]", "batch_size": f"[1, {COUNT_MAX}]",
+        "micro_batch_size": (f"[0, {COUNT_MAX}]", "0 = batch / world"), "blr": "(0, inf)",
+        "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "layer_decay": "(0, 1]",
+        "drop_path": ("[0, 1)", "a probability; 1 drops every residual branch"),
+        "mixup": ("[0, inf)", "a Beta(alpha, alpha) parameter; 0 disables"),
+        "cutmix": ("[0, inf)", "a Beta(alpha, alpha) parameter; 0 disables"),
+        "smoothing": ("[0, 1)", "label smoothing"), "reprob": ("[0, 1]", "a probability"),
+        "max_train_samples": (f"[0, {COUNT_MAX}]", "0 = all"), "max_steps": (f"[0, {COUNT_MAX}]", "0 = all")}
 
     def peak_lr(self) -> float:
         """MAE scales the base lr linearly with the batch (blr * batch / 256,
@@ -254,6 +285,15 @@ class SegmentationConfig(Trained):
     photometric: bool = True            # mmseg's PhotoMetricDistortion in training
     cat_max_ratio: float = 0.75         # crops redrawn while one class covers this much; 1 = off
     rel_pos: bool = True                # BEiT's relative position bias table on the crop's grid
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": f"[1, {COUNT_MAX}]", "warmup_steps": f"[0, {COUNT_MAX}]", "batch_size": f"[1, {COUNT_MAX}]",
+        "lr": "(0, inf)", "weight_decay": "[0, inf)", "layer_decay": "(0, 1]",
+        "drop_path": ("[0, 1)", "a probability; 1 drops every residual branch"),
+        "channels": f"[1, {WIDTH_MAX}]", "blocks": (f"[0, {LAYERS_MAX})", "block indices"),
+        "rescales": "(0, inf)", "scale": f"[1, {PIXELS_MAX}]", "crop_size": f"[1, {PIXELS_MAX}]",
+        "stride": f"[1, {PIXELS_MAX}]", "max_val_samples": (f"[0, {COUNT_MAX}]", "0 = all"),
+        "aux_weight": ("[0, inf)", "0 = no auxiliary head"), "aux_channels": f"[1, {WIDTH_MAX}]",
+        "cat_max_ratio": ("(0, 1]", "1 = off")}
 
     def validate(self) -> None:
         self.check_trained("segmentation")
@@ -306,6 +346,16 @@ class DetectionConfig(Trained):
     window_size: int = 14               # tokens per window side
     global_blocks: list[int] = field(default_factory=list)  # [] = 4 evenly spaced (ViT-B: 2, 5, 8, 11)
     max_val_samples: int = 0
+    RANGES: ClassVar[dict[str, Range]] = {
+        "steps": f"[1, {COUNT_MAX}]", "warmup_steps": f"[0, {COUNT_MAX}]", "batch_size": f"[1, {COUNT_MAX}]",
+        "lr": "(0, inf)", "weight_decay": "[0, inf)", "layer_decay": "(0, 1]",
+        "drop_path": ("[0, 1)", "a probability; 1 drops every residual branch"),
+        "image_size": f"[32, {PIXELS_MAX}]", "scale_factors": "(0, inf)", "fpn_channels": f"[1, {WIDTH_MAX}]",
+        "box_head_dim": f"[1, {WIDTH_MAX}]", "lsj_scale": "(0, inf)", "anchor_sizes": f"[1, {PIXELS_MAX}]",
+        "rois_per_image": f"[1, {COUNT_MAX}]", "proposals_train": f"[1, {COUNT_MAX}]",
+        "proposals_test": f"[1, {COUNT_MAX}]", "detections_per_image": f"[1, {COUNT_MAX}]",
+        "window_size": f"[1, {LAYERS_MAX}]", "global_blocks": (f"[0, {LAYERS_MAX})", "block indices"),
+        "max_val_samples": (f"[0, {COUNT_MAX}]", "0 = all")}
 
     def validate(self) -> None:
         self.check_trained("detection")
@@ -338,6 +388,7 @@ class DiagnosticsConfig(Resources):
     dataset: str = ""
     num_images: int = 512               # the first N validation images, the same for every run
     pooling: str = "cls"                # the representation whose spectrum and RankMe are reported
+    RANGES: ClassVar[dict[str, Range]] = {"num_images": (f"[4, {COUNT_MAX}]", "debiased CKA needs 4")}
 
     def validate(self) -> None:
         _check_pooling("diagnostics", self.pooling)
@@ -348,6 +399,9 @@ class DiagnosticsConfig(Resources):
 class EvalConfig:
     batch_size: int = 256               # feature extraction / inference batch
     baselines: list[str] = field(default_factory=list)  # also evaluate: random_init, pixels
+    # a finished evaluation's DeepSpeed checkpoints are removed once its metrics are recorded
+    # (evaluation/common.py); true keeps them (to compare final weights, as the preemption tests do)
+    keep_checkpoints: bool = False
     knn: KNNConfig = field(default_factory=KNNConfig)
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
@@ -355,6 +409,7 @@ class EvalConfig:
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    RANGES: ClassVar[dict[str, Range]] = {"batch_size": f"[1, {COUNT_MAX}]"}
 
     def validate(self) -> None:
         for name in EVAL_KINDS:

@@ -9,7 +9,11 @@ While the tracking server is unreachable, everything is spooled to the run direc
 later (``MLflowLogger``, ``jobs/sync.py``) -- the creation of an evaluation's child run too: the
 job then logs under a local id (``pending-<uuid>``) until the creation is replayed, and the
 server's run id is kept next to the spool (``<local id>.run_id``) so a later replay continues
-into the same run.
+into the same run. Only errors a later try can cure are spooled; a call the server rejects goes
+to the dead-letter file next to the spool and the rest goes on (hpc_mim/tracking_spool.py).
+Artifacts are uploaded only from inside the run directory: a spool is a file in it, and
+whoever can write there must not make ``jobs/sync.py`` upload the owner's other files.
+Exception texts are redacted (hpc_mim/redact.py) before they are printed or kept.
 
 mlflow is imported on first use (``client``): only the processes that log pay its ~1 s import,
 rank 0 of a job; on 8 nodes x 8 GPUs the other 63 ranks never load it.
@@ -30,7 +34,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
+from hpc_mim.redact import redact  # noqa: E402
 from hpc_mim.rundir import atomic_write_text  # noqa: E402
+from hpc_mim.tracking_spool import Rejected, Spool, retryable  # noqa: E402
 
 MAX_PARAMS_PER_BATCH = 100
 
@@ -70,19 +76,24 @@ class MLflowLogger:
     """Log into one existing run. ``log_metrics`` buffers; ``flush`` sends one batch.
 
     With a ``spool`` file (the run directory's spool/<run_id>.jsonl), nothing is lost when the
-    tracking server is unreachable: every call that fails is appended to the spool (one JSON
-    line per operation, fsynced) and training goes on; while the spool is not empty new calls
-    queue behind it, and every ``retry_s`` the spool is replayed in order. ``jobs/sync.py``
-    replays what is left after a job ended. Without a spool, errors propagate.
+    tracking server is unreachable: every call that fails with a ``retryable`` error is appended
+    to the spool (one JSON line per operation, fsynced) and training goes on; while the spool is
+    not empty new calls queue behind it, and every ``retry_s`` the spool is replayed in order.
+    A call the server rejects goes to the dead-letter file instead (``Spool.reject``) and
+    training goes on. ``jobs/sync.py`` replays what is left after a job ended. Without a spool,
+    errors propagate. ``root``, the folder artifacts must lie in, defaults to the run directory
+    holding the spool folder (``<root>/spool/<run_id>.jsonl``).
     """
 
     def __init__(self, uri: str, run_id: str, flush_every: int = 200, spool: Path | None = None,
-                 retry_s: float = 30.0) -> None:
+                 retry_s: float = 30.0, root: Path | None = None) -> None:
         self.client = client(uri)
         self.uri = uri
         self.run_id = run_id
         self.flush_every = flush_every
         self.spool = Path(spool) if spool else None
+        self.queue = Spool(self.spool) if self.spool else None
+        self.root = Path(root) if root else (self.spool.parent.parent if self.spool else None)
         self.retry_s = retry_s
         self._buffer: list[list] = []            # [key, value, timestamp ms, step]
         self._last_failure = 0.0
@@ -95,19 +106,20 @@ class MLflowLogger:
                    tags: dict[str, str] | None = None, spool_dir: Path | None = None) -> "MLflowLogger":
         """A new run. With ``spool_dir``, an unreachable server does not fail the job: the run
         is created later, when the spool is replayed, and everything logged meanwhile goes
-        into it."""
+        into it; a creation the server rejects is dead-lettered with everything logged into
+        the run (``jobs/sync.py --retry-rejected`` creates it once the cause is fixed)."""
         tags = {k: str(v) for k, v in (tags or {}).items()}     # MLflow's REST API takes strings
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         try:
             run = client(uri).create_run(experiment_id, run_name=name, tags=tags)
-        except Exception as e:  # noqa: BLE001 - any failure to reach the store
+        except Exception as e:  # noqa: BLE001 - spooled or dead-lettered, never fatal
             if spool_dir is None:
                 raise
             local = f"pending-{uuid.uuid4().hex}"
             logger = cls(uri, local, spool=Path(spool_dir) / f"{local}.jsonl")
-            logger._failed(e)
-            logger._append({"op": "create", "experiment_id": experiment_id, "name": name, "tags": tags})
+            logger._undelivered({"op": "create", "experiment_id": experiment_id, "name": name,
+                                 "tags": tags}, e)
             return logger
         spool = Path(spool_dir) / f"{run.info.run_id}.jsonl" if spool_dir else None
         return cls(uri, run.info.run_id, spool=spool)
@@ -132,7 +144,8 @@ class MLflowLogger:
         self._call({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self._call({"op": "artifact", "path": str(path), "folder": folder})
+        # absolute: jobs/sync.py replays it from another working directory
+        self._call({"op": "artifact", "path": str(Path(path).absolute()), "folder": folder})
 
     def log_dataset(self, name: str, digest: str, source: str, context: str,
                     profile: dict[str, Any] | None = None) -> None:
@@ -151,13 +164,19 @@ class MLflowLogger:
     # ---------------------------------------------------------------- delivery
     def _apply(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-        kind = op["op"]
+        kind, pending = op["op"], self.run_id.startswith("pending-")
         if kind == "create":          # first line of a pending run's spool
-            run = self.client.create_run(op["experiment_id"], run_name=op["name"], tags=op["tags"])
-            atomic_write_text(self.spool.with_suffix(".run_id"), run.info.run_id)
-            print(f"[tracking] created run {run.info.run_id} for {self.run_id}", file=sys.stderr, flush=True)
-            self.run_id = run.info.run_id
-        elif kind == "metrics":
+            if pending:               # else created by a replay that a kill cut short (<id>.run_id)
+                run = self.client.create_run(op["experiment_id"], run_name=op["name"], tags=op["tags"])
+                atomic_write_text(self.spool.with_suffix(".run_id"), run.info.run_id)
+                print(f"[tracking] created run {run.info.run_id} for {self.run_id}", file=sys.stderr,
+                      flush=True)
+                self.run_id = run.info.run_id
+            return
+        if pending:                   # its creation was dead-lettered: nothing can reach it
+            raise Rejected(f"the creation of MLflow run {self.run_id} was rejected, so nothing "
+                           "can be logged into it")
+        if kind == "metrics":
             self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in op["metrics"]])
         elif kind == "params":
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op["params"]])
@@ -168,64 +187,82 @@ class MLflowLogger:
             context = InputTag("mlflow.data.context", op["context"])
             self.client.log_inputs(self.run_id, [DatasetInput(dataset, [context])])
         elif kind == "artifact":
-            self.client.log_artifact(self.run_id, op["path"], op["folder"])
+            self.client.log_artifact(self.run_id, self._inside_root(op["path"]), op["folder"])
         elif op["status"] == "RUNNING":
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.client.set_terminated(self.run_id, op["status"])
 
+    def _inside_root(self, path: str) -> str:
+        """``path`` if it lies in the run directory (symbolic links resolved), else Rejected."""
+        if self.root is not None and not Path(path).resolve().is_relative_to(self.root.resolve()):
+            raise Rejected(f"artifact {path} is outside the run directory {self.root}: not uploaded")
+        return path
+
     def _call(self, op: dict[str, Any]) -> None:
-        if self.spool is None:
+        if self.queue is None:
             self._apply(op)
             return
         if self.pending() and not self.sync(quiet=True):
-            self._append(op)                         # keep the order: behind the spool
+            self.queue.append(op)                    # keep the order: behind the spool
             return
         try:
             self._apply(op)
-        except Exception as e:  # noqa: BLE001 - any failure to reach the store: spool it
-            self._failed(e)
-            self._append(op)
+        except Exception as e:  # noqa: BLE001 - spooled or dead-lettered, never fatal
+            self._undelivered(op, e)
+
+    def _undelivered(self, op: dict[str, Any], error: Exception) -> None:
+        """Spool ``op`` if a later try may succeed, else move it to the dead-letter file."""
+        if retryable(error):
+            self._failed(error)
+            self.queue.append(op)
+        else:
+            self._reject(op, error)
 
     def pending(self) -> int:
         """Operations waiting in the spool."""
-        if self.spool is None or not self.spool.is_file():
-            return 0
-        return sum(1 for line in self.spool.read_text().splitlines() if line.strip())
+        return self.queue.count() if self.queue is not None else 0
 
     def sync(self, quiet: bool = False) -> bool:
         """Replay the spool in order (at most every ``retry_s`` when ``quiet``); True when it is
-        empty afterwards. What could not be sent stays, in order."""
+        empty afterwards. What could not be sent for now stays, in order; what the server
+        rejects goes to the dead-letter file and the replay goes on. A kill during the replay
+        sends some calls again on the next one (MLflow keeps a metric point logged twice)."""
         if not self.pending():
             return True
         if quiet and time.time() - self._last_failure < self.retry_s:
             return False
-        ops = [json.loads(line) for line in self.spool.read_text().splitlines() if line.strip()]
+        ops = self.queue.ops()
+        rejected = 0
         for i, op in enumerate(ops):
             try:
                 self._apply(op)
-            except Exception as e:  # noqa: BLE001
-                self._failed(e)
-                atomic_write_text(self.spool, "".join(json.dumps(o) + "\n" for o in ops[i:]))
-                return False
-        self.spool.unlink()
-        print(f"[tracking] tracking server reachable again: {len(ops)} buffered operations sent "
-              f"to run {self.run_id}", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - classified: retried later or dead-lettered
+                if retryable(e):
+                    self._failed(e)
+                    self.queue.replace(ops[i:])
+                    return False
+                self._reject(op, e)
+                rejected += 1
+        self.queue.replace([])
+        print(f"[tracking] tracking server reachable again: {len(ops) - rejected} buffered operations "
+              f"sent to run {self.run_id}" + (f", {rejected} rejected" if rejected else ""),
+              file=sys.stderr, flush=True)
         return True
 
     def _failed(self, error: Exception) -> None:
         if not self._last_failure or time.time() - self._last_failure >= self.retry_s:
-            print(f"[tracking] {self.uri} unreachable ({type(error).__name__}: {str(error)[:200]}); "
-                  f"buffering in {self.spool}, retrying every {self.retry_s:.0f} s",
-                  file=sys.stderr, flush=True)
+            text = redact(f"{type(error).__name__}: {error}")[:300]
+            print(f"[tracking] {redact(self.uri)} unreachable ({text}); buffering in {self.spool}, "
+                  f"retrying every {self.retry_s:.0f} s", file=sys.stderr, flush=True)
         self._last_failure = time.time()
 
-    def _append(self, op: dict[str, Any]) -> None:
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spool, "a") as f:
-            f.write(json.dumps(op) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def _reject(self, op: dict[str, Any], error: Exception) -> None:
+        text = redact(f"{type(error).__name__}: {error}")[:2000]
+        self.queue.reject(op, text)
+        print(f"[tracking] {op['op']} call for run {self.run_id} rejected ({text[:300]}); kept in "
+              f"{self.queue.rejected_path} (python jobs/sync.py <run dir> reports it)",
+              file=sys.stderr, flush=True)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, int, float]]:

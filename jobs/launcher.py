@@ -4,10 +4,16 @@ Every job, whatever it runs, executes ``run_entry(entry, kwargs, status_file, ma
 it turns submitit's job environment into torchrun-style variables (so hpc_mim.distributed needs
 no submitit), handles the scheduler's stop signals (hpc_mim/distributed/preemption.py: USR2 and
 SIGTERM, replacing submitit's handlers), calls ``module:function(**kwargs)``, and records
-RUNNING / COMPLETED / FAILED / REQUEUED / STOPPED (with the error) in ``status_file`` for
-``jobs/submit.py --status``. ``Launcher`` submits a ``JobSpec`` to SLURM (dependencies via
-``afterok``), same-resource specs of a sweep as one job array (``aftercorr``), to local
-subprocesses, or in-process (debug).
+RUNNING / COMPLETED / FAILED / REQUEUED / STOPPED (with the error, URLs redacted:
+hpc_mim/redact.py) in ``status_file`` for ``jobs/submit.py --status``. ``Launcher`` submits a
+``JobSpec`` to SLURM (dependencies via ``afterok``), same-resource specs of a sweep as one job
+array (``aftercorr``), to local subprocesses, or in-process (debug).
+
+Submitting: ``submit_plan`` records each job in ``jobs.json`` as soon as its sbatch returned;
+when a later one fails it cancels those and raises ``jobs.submission.SubmissionError``. Every
+batch script runs under the run's umask (077, or 027 with ``share_runs_with_group``:
+hpc_mim/rundir.py), and a value that would reach it with a control character (a newline ends
+the ``#SBATCH`` block) is refused before the script is written.
 
 Requeueing on SLURM: every task that ends abnormally leaves an outcome marker saying why
 (hpc_mim/distributed/outcome.py): a genuine error of the job, a stop on a scheduler signal, a
@@ -37,15 +43,10 @@ from typing import Any, Callable, Iterator
 import submitit
 
 from jobs.plan import JobSpec
+from jobs.status import status_path, write_status
+from jobs.task_exit import end_without_teardown, result_says_success
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
-
-
-def write_status(path: Path, state: str, **fields: Any) -> None:
-    """Atomically replace the job's status record."""
-    from hpc_mim.rundir import atomic_write_text
-    record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    atomic_write_text(Path(path), json.dumps(record, indent=2))
 
 
 def usage(start: float) -> dict[str, float]:
@@ -69,6 +70,8 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     except RuntimeError:          # debug executor: this very process, one task
         job = None
     rank = job.global_rank if job is not None else 0
+    if job is not None:
+        drop_stale_result(job.paths.result_pickle)
     record = status_file is not None and rank == 0
     job_id = job.job_id if job is not None else "debug"
     on_slurm = "SLURM_JOB_ID" in os.environ
@@ -109,14 +112,16 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
         # a genuine error of the job fails it (any rank's record names it); a lost peer (a rank
         # or node died, a collective timed out) leaves the requeue to the batch script
         kind = classify(e)
-        error = f"{type(e).__name__}: {e}"
+        # MLflow's exception texts carry URLs, credentials included
+        from hpc_mim.redact import redact
+        error = redact(f"{type(e).__name__}: {e}")
         with STOP.polled():           # srun's SIGTERM must not interrupt the record
             print(f"[launcher] rank {rank}: {'lost a peer' if kind == 'lost' else 'failed'}: "
                   f"{error[:500]}", flush=True)
             OUTCOME.record(kind if on_slurm else "error", error, write_status=False)
             if kind == "error" or not on_slurm:
                 if status_file is not None and (record or kind == "error"):
-                    status("FAILED", error, traceback=traceback.format_exc()[-4000:])
+                    status("FAILED", error, traceback=redact(traceback.format_exc())[-4000:])
             elif record and not OUTCOME.others("error"):
                 status("REQUEUED", f"lost a peer: {error}; the batch script requeues the job "
                                    "while cluster.max_restarts allows")
@@ -124,10 +129,23 @@ def run_entry(entry: str, kwargs: dict[str, Any], status_file: str | None = None
     leave_process_group()
     if record:
         write_status(status_file, "COMPLETED", job_id=job_id, **usage(start))
+    if job is not None:      # a submitit task: its process ends once the result is recorded
+        end_without_teardown(result_says_success(job.paths.result_pickle))
     # interpreter exit would walk every object once more to collect cycles that die with the
     # process anyway (~1.4 s of CPU per task); atexit handlers and destructors still run
     gc.freeze()
     return result
+
+
+def drop_stale_result(result_pickle: Path) -> None:
+    """Remove the half-written result a killed earlier start of this task left behind.
+
+    submitit writes each task's result to ``<result>.save_tmp`` and renames it, refusing to start
+    if that file exists. A task killed in between (srun's ``--kill-on-bad-exit`` ends the survivor
+    of a lost node while it records its error) leaves it, and the requeued start, which does all
+    its work, would then fail at its very last line: SLURM records FAILED and the chained
+    evaluations never run. Only this task writes that file, and never before its entry returns."""
+    Path(f"{result_pickle}.save_tmp").unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -193,26 +211,41 @@ def resolve_cluster(cluster: str) -> str:
 
 
 class Launcher:
-    def __init__(self, cluster: str, folder: Path, partition: str = "") -> None:
+    def __init__(self, cluster: str, folder: Path, partition: str = "", share_with_group: bool = False) -> None:
         self.cluster = resolve_cluster(cluster)
         self.folder = Path(folder)
         self.partition = partition
+        self.share_with_group = share_with_group
 
-    def slurm_executor(self, spec: JobSpec, dependency: str = "",
-                       job_name: str = "") -> submitit.SlurmExecutor:
-        """``dependency``: SLURM's ``--dependency`` (``afterok:<id>``, ``aftercorr:<array id>``)."""
+    def slurm_executor(self, spec: JobSpec, dependency: str = "", job_name: str = "",
+                       partition: str | None = None) -> submitit.SlurmExecutor:
+        """``dependency``: SLURM's ``--dependency`` (``afterok:<id>``, ``aftercorr:<array id>``);
+        ``partition``: this job's (a sweep's cells may differ), else the launcher's."""
+        from hpc_mim.rundir import refuse_control_characters, runs_umask
+        partition = self.partition if partition is None else partition
+        job_name = job_name or f"hpc_mim-{spec.name}"
+        mask = f"{runs_umask(self.share_with_group):04o}"
+        # the batch script and (SLURM_UMASK: srun applies it to every task) the job's processes
+        # make the run's files under the run's umask, whatever the submitting shell had
+        setup = [f"umask {mask}", f"export SLURM_UMASK={mask}",
+                 *after_tasks_setup(spec.max_restarts, self.folder / "outcomes")]
+        # each is written into the script, where a newline would end the #SBATCH block (--requeue,
+        # --signal, --time then silently dropped) and run the rest as a shell line on the node
+        for label, value in {"cluster.partition": partition, "job name": job_name, "dependency": dependency,
+                             "run directory": str(self.folder / spec.name), "python": sys.executable,
+                             **{f"setup line {i}": line for i, line in enumerate(setup)}}.items():
+            refuse_control_characters(label, value)
         ex = submitit.SlurmExecutor(folder=self.folder / spec.name / "%j")
         params: dict[str, Any] = dict(
-            job_name=job_name or f"hpc_mim-{spec.name}", nodes=spec.nodes,
+            job_name=job_name, nodes=spec.nodes,
             ntasks_per_node=spec.tasks_per_node, cpus_per_task=spec.cpus_per_task, time=spec.time_min,
             # one task dying ends the step at once (else the others wait in a collective)
-            srun_args=["--kill-on-bad-exit=1"],
-            setup=after_tasks_setup(spec.max_restarts, self.folder / "outcomes"))
+            srun_args=["--kill-on-bad-exit=1"], setup=setup)
         extra: dict[str, Any] = {"requeue": True}
         if spec.gpus_per_node:
             params["gpus_per_node"] = spec.gpus_per_node
-        if self.partition:
-            params["partition"] = self.partition
+        if partition:
+            params["partition"] = partition
         if dependency:
             extra["dependency"] = dependency
         ex.update_parameters(additional_parameters=extra, **params)
@@ -231,41 +264,49 @@ class Launcher:
         return submitit.DebugExecutor(folder=folder)
 
     def sbatch_script(self, spec: JobSpec, dependency: str = "", array_size: int = 0,
-                      job_name: str = "") -> str:
-        """The sbatch script this spec would be submitted with (for --dry-run); ``array_size``:
-        as task 0 of a job array of that many."""
-        ex = self.slurm_executor(spec, dependency, job_name)
+                      job_name: str = "", partition: str | None = None) -> str:
+        """The sbatch script this spec would be submitted with (for --dry-run, and to refuse a
+        bad value before anything is created); ``array_size``: as task 0 of a job array."""
+        ex = self.slurm_executor(spec, dependency, job_name, partition)
         if array_size:
             ex.parameters["map_count"] = array_size
         return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
 
     def submit_array(self, specs: list[JobSpec], status_files: list[Path], dependency: str = "",
-                     job_name: str = "") -> list[submitit.Job]:
+                     job_name: str = "", partition: str | None = None) -> list[submitit.Job]:
         """One SLURM job array: task i runs ``specs[i]`` (all with the resources of
-        ``specs[0]``) and records its state in ``status_files[i]``. ``dependency`` e.g.
-        ``aftercorr:<array id>``: task i starts once task i of that array completed."""
-        ex = self.slurm_executor(specs[0], dependency, job_name)
+        ``specs[0]``, on ``partition``) and records its state in ``status_files[i]``.
+        ``dependency`` e.g. ``aftercorr:<array id>``: task i starts once task i of that array
+        completed."""
+        ex = self.slurm_executor(specs[0], dependency, job_name, partition)
         return ex.map_array(run_entry, [s.entry for s in specs], [s.kwargs for s in specs],
                             [str(f) for f in status_files], [s.max_restarts for s in specs])
 
     def status_file(self, spec: JobSpec) -> Path:
-        return self.status_file_in(self.folder, spec)
-
-    @staticmethod
-    def status_file_in(folder: Path, spec: JobSpec) -> Path:
-        """Where a job of a run whose jobs folder is ``folder`` records its state."""
-        return Path(folder) / f"{spec.name}.status.json"
+        return status_path(self.folder, spec.name)
 
     def submit(self, spec: JobSpec, after_ids: list[str] = ()) -> submitit.Job:
         return self.executor(spec, after_ids).submit(run_entry, spec.entry, spec.kwargs,
                                                      str(self.status_file(spec)), spec.max_restarts)
 
     def submit_plan(self, plan: list[JobSpec]) -> dict[str, submitit.Job]:
-        """SLURM: queue every job now; the scheduler holds each until its dependencies succeed."""
+        """SLURM: queue every job now; the scheduler holds each until its dependencies succeed.
+        Each job is in ``jobs.json`` as soon as its sbatch returned; if one fails (or Ctrl-C),
+        the jobs queued before it are cancelled, recorded CANCELLED, and SubmissionError says so."""
+        from jobs.submission import SubmissionError, cancel, record_cancelled, sbatch_reason
         jobs: dict[str, submitit.Job] = {}
         for spec in plan:
-            jobs[spec.name] = self.submit(spec, [jobs[name].job_id for name in spec.after])
-        self.write_index(plan, jobs)
+            try:
+                jobs[spec.name] = self.submit(spec, [jobs[name].job_id for name in spec.after])
+            except BaseException as e:
+                ids = [job.job_id for job in jobs.values()]
+                cancel_error = cancel(ids)
+                if not cancel_error:
+                    record_cancelled({s.name: self.status_file(s) for s in plan if s.name in jobs},
+                                     {n: j.job_id for n, j in jobs.items()},
+                                     f"cancelled at submission: sbatch of {spec.name} failed")
+                raise SubmissionError(spec.name, sbatch_reason(e), ids, cancel_error) from e
+            self.write_index(plan, jobs)
         return jobs
 
     def write_index(self, plan: list[JobSpec], jobs: dict[str, submitit.Job]) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from hpc_mim.config import Config, ConfigError, save_config
-from hpc_mim.datasets import required_files
+from hpc_mim.datasets import check_classes, required_files
 from jobs.plan import JobSpec
 
 
@@ -24,6 +24,7 @@ def check_inputs(cfg: Config, run_dir: Path) -> None:
             if not path.exists():
                 raise ConfigError(f"{key}={dataset}: {path} not found; "
                                   f"convert it first: {info.get('convert', 'see data_prep/')}")
+        check_classes(info, key)        # registry num_classes vs the converter's manifests
     root = run_dir.parent
     probe = root if root.exists() else next(p for p in root.parents if p.exists())
     if not probe.is_dir():

@@ -15,8 +15,22 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
+
+
+def status_path(jobs_folder: Path, job_name: str) -> Path:
+    """Where a job of a run whose jobs folder is ``jobs_folder`` records its state."""
+    return Path(jobs_folder) / f"{job_name}.status.json"
+
+
+def write_status(path: Path, state: str, **fields: Any) -> None:
+    """Atomically replace the job's status record."""
+    from hpc_mim.rundir import atomic_write_text
+    record = {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+    atomic_write_text(Path(path), json.dumps(record, indent=2))
+
 
 def slurm_state(job_id: str) -> tuple[str, str] | None:
     """(JobState, Reason) from ``scontrol``; None once SLURM has forgotten the job (MinJobAge)."""

@@ -9,11 +9,16 @@
     python jobs/submit.py --status SWEEP | --resume SWEEP
 
 Everything is validated before anything is created or queued: the config (unknown keys,
-types, impossible values), the dataset files, the runs folder, and the MLflow store (a file
-store is refused for a multi-node or sweep submission to SLURM: ``check_tracking_store``).
-Then: the run directory (resolved config), the MLflow parent run, the pre-training job, and one
-job per evaluation that starts only after pre-training succeeded (SLURM ``afterok``; locally:
-run after it).
+types, impossible values), the run's name (one folder directly inside ``runs_root``, resolved
+before it is checked), what the SLURM partition offers (nodes, GPUs per node, time limit:
+jobs/partition.py, on --dry-run too), the MLflow store (a file store is refused for a
+multi-node or sweep submission to SLURM: ``check_tracking_store``), the values written into the
+batch scripts, the dataset files and the runs folder. Then: the run directory, claimed
+atomically and private to its owner (hpc_mim/rundir.py; a default name taken a moment ago gets
+``-2``), its resolved config, the MLflow parent run, the pre-training job, and one job per
+evaluation that starts only after pre-training succeeded (SLURM ``afterok``; locally: run after
+it). Each job is recorded as soon as it is queued; if a later sbatch fails, the queued ones
+are cancelled, the MLflow run is marked FAILED and the exit code is 2 (jobs/submission.py).
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from pathlib import Path
 if __package__ in (None, ""):        # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hpc_mim.config import ConfigError, load_config  # noqa: E402
-from jobs.plan import build_plan, format_plan  # noqa: E402
+from hpc_mim.config import Config, ConfigError, load_config  # noqa: E402
+from hpc_mim.rundir import claim, run_dir_path, runs_umask, umask  # noqa: E402
+from jobs.plan import JobSpec, build_plan, format_plan  # noqa: E402
 from jobs.runs import (check_inputs, check_tracking_store, create_run,  # noqa: E402
                        tracking_experiment, tracking_uri)
 
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         try:
             return sweep_commands.resume_sweep(args.resume, args.cluster)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     try:
@@ -111,33 +117,68 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if spec is not None:
         return sweep_commands.submit_sweep(spec, flag_overrides(args), args.cluster, args.dry_run)
+    from jobs.launcher import Launcher
+    from jobs.partition import check_before_queueing
     try:
         cfg = load_config(args.method, args.preset, args.config, args.set + flag_overrides(args))
-        cfg.name = cfg.name or f"{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        unique = not cfg.name            # a default name: the next free -2, -3 ... if taken
         # jobs may start in another directory: the run's config carries absolute paths
         cfg.runs_root, cfg.data.root = str(Path(cfg.runs_root).resolve()), str(Path(cfg.data.root).resolve())
-        run_dir = Path(cfg.runs_root) / cfg.name
+        cfg.name = cfg.name or default_name(cfg)
+        run_dir = run_dir_path(cfg.runs_root, cfg.name)      # resolved before anything checks it
         plan = build_plan(cfg, str(run_dir))
-        check_tracking_store(cfg, [plan], resolve_cluster(args.cluster))
+        cluster = resolve_cluster(args.cluster)
+        note = check_before_queueing([("", cfg, plan)], cluster, args.dry_run)
+        check_tracking_store(cfg, [plan], cluster)
+        launcher = Launcher(args.cluster, run_dir / "jobs", cfg.cluster.partition, cfg.share_runs_with_group)
+        # written now: a value with a newline is refused before anything exists
+        scripts = [launcher.sbatch_script(spec, dry_run_dependency(spec)) for spec in plan] \
+            if cluster == "slurm" or args.dry_run else []
         if not args.dry_run:
             check_inputs(cfg, run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if note:
+        print(note, file=sys.stderr)
 
-    from jobs.launcher import Launcher
-    launcher = Launcher(args.cluster, run_dir / "jobs", cfg.cluster.partition)
     if args.dry_run:
         print(f"# dry run: nothing created, nothing queued\n# run dir would be {run_dir}\n")
         print(format_plan(plan))
-        for spec in plan:
-            deps = "afterok:" + ":".join(f"<{name} job id>" for name in spec.after) if spec.after else ""
+        for spec, script in zip(plan, scripts):
             print(f"\n# ---- sbatch script: {spec.name} ----")
-            print(launcher.sbatch_script(spec, deps))
+            print(script)
         return 0
     if launcher.cluster == "local" and cfg.cluster.nodes > 1:
         print(f"note: --cluster local runs all {cfg.cluster.nodes * cfg.cluster.tasks_per_node} "
               "tasks as processes on this machine", file=sys.stderr)
+    with umask(runs_umask(cfg.share_runs_with_group)):      # the run's files: its owner's only
+        return submit_run(cfg, plan, run_dir, launcher, unique)
+
+
+def default_name(cfg: Config) -> str:
+    """``<method>-<timestamp>``, or the first free ``-2``, ``-3`` ... after it (``claim`` makes
+    sure again, atomically)."""
+    base = f"{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    root = Path(cfg.runs_root)
+    return next(n for n in (base, *(f"{base}-{i}" for i in range(2, 100))) if not (root / n).exists())
+
+
+def dry_run_dependency(spec: JobSpec) -> str:
+    return "afterok:" + ":".join(f"<{name} job id>" for name in spec.after) if spec.after else ""
+
+
+def submit_run(cfg: Config, plan: list[JobSpec], run_dir: Path, launcher, unique: bool) -> int:
+    """Claim the run directory, create the MLflow run, queue (SLURM) or run (local) the plan."""
+    from jobs.submission import SubmissionError, failed_runs_note
+    try:
+        claimed = claim(run_dir, cfg.share_runs_with_group, unique=unique)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if claimed != run_dir:         # another submission took this default name a moment ago
+        cfg.name, run_dir, launcher.folder = claimed.name, claimed, claimed / "jobs"
+        plan = build_plan(cfg, str(run_dir))
 
     uri = tracking_uri(cfg)
     try:      # jobs may buffer through an outage, but the parent run must exist before queueing
@@ -151,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_plan(plan))
 
     if launcher.cluster == "slurm":
-        jobs = launcher.submit_plan(plan)
+        try:
+            jobs = launcher.submit_plan(plan)
+        except SubmissionError as e:
+            note = failed_runs_note(uri, [{"run_id": run_id}])
+            print(f"error: {e}; {note}; {run_dir} keeps what was recorded "
+                  f"(python jobs/submit.py --status {run_dir})", file=sys.stderr)
+            return 2
         for spec in plan:
             dep = f" (afterok:{jobs['pretrain'].job_id})" if spec.after else ""
             print(f"queued {spec.name:<14} job {jobs[spec.name].job_id}{dep}  log {launcher.log_path(jobs[spec.name])}")

@@ -13,7 +13,11 @@ A sweep file (``--sweep FILE``; every key optional but ``methods``):
 or the same on the command line: ``--method mae,lut --seeds 0,1 --set k=v1,v2`` (a value with a
 top-level comma is swept; ``[5, 20]`` stays one list value). A cell's id is its method, its grid
 values and its seed (``noised_mim-noise_block2-seed0``); it names the cell's run directory
-``<runs_root>/<sweep>/<cell>`` and its MLflow run.
+``<runs_root>/<sweep>/<cell>`` and its MLflow run. A YAML syntax error in the sweep file or a
+swept value, a seed that is not an integer, or a control character in a swept ``--set`` is a
+``ConfigError`` naming it (the CLI: ``error: ...``, exit 2). A cell id is one safe folder
+name: a method must be a plain name (``../../x`` in a sweep file is refused, naming the file and
+the value), grid values are reduced to letters, digits and '.', an id has at most 128 characters.
 """
 from __future__ import annotations
 
@@ -27,6 +31,10 @@ from typing import Any
 import yaml
 
 from hpc_mim.config import ConfigError
+from hpc_mim.config_checks import check_text, yaml_error
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")     # a folder name: no '/', no leading '.'
+ID_MAX = 128                                               # a run name's limit (hpc_mim/config.py)
 
 
 @dataclass
@@ -45,6 +53,10 @@ class SweepSpec:
             raise ConfigError(f"sweep name {self.name!r}: use letters, digits, '.', '_' and '-'")
         if not self.methods:
             raise ConfigError("sweep: give at least one method (methods: [...] or --method a,b)")
+        for method in self.methods:      # it starts each cell id, a folder name
+            if not isinstance(method, str) or not SAFE_NAME.fullmatch(method):
+                raise ConfigError(f"sweep methods: {method!r} is not a method name (letters, digits, "
+                                  "'.', '_', '-'; no '/')")
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep grid: {key} needs a non-empty list of values, got {values!r}")
@@ -70,7 +82,10 @@ def load_sweep_file(path: str | Path, name: str = "", preset: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--sweep {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise yaml_error(str(path), e) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping of {[f.name for f in fields(SweepSpec)]}")
     known = {f.name for f in fields(SweepSpec)}
@@ -84,7 +99,12 @@ def load_sweep_file(path: str | Path, name: str = "", preset: str | None = None,
     data["config"] = list(data.get("config") or []) + list(configs)
     data["name"] = name or data.get("name") or ""
     data["preset"] = preset or data.get("preset")
-    return SweepSpec(**{k: v for k, v in data.items() if v is not None})
+    try:
+        spec = SweepSpec(**{k: v for k, v in data.items() if v is not None})
+        enumerate_cells(spec)            # every cell id a safe folder name, none twice
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    return spec
 
 
 def split_top_level(value: str) -> list[str]:
@@ -101,6 +121,23 @@ def split_top_level(value: str) -> list[str]:
     return [*parts, current.strip()]
 
 
+def _swept_value(item: str, value: str) -> Any:
+    """One value of ``--set key=v1,v2`` read as YAML; a syntax error names the item."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise yaml_error(f"--set {item!r}: the value {value!r}", e) from None
+
+
+def _seed(text: str, seeds: str) -> int:
+    """One of ``--seeds 0,1``; its range is train.seed's, checked with each cell's config."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--seeds {seeds!r}: {text!r} is not an integer; give comma-separated "
+                          "integers, e.g. --seeds 0,1") from None
+
+
 def from_cli(methods: str, seeds: str | None, sets: list[str], preset: str | None,
              configs: list[str], name: str = "") -> SweepSpec | None:
     """The sweep the short form asks for, or None when it asks for a single run."""
@@ -109,11 +146,12 @@ def from_cli(methods: str, seeds: str | None, sets: list[str], preset: str | Non
         key, sep, value = item.partition("=")
         values = split_top_level(value) if sep else [value]
         if len(values) > 1:
-            grid[key.strip()] = [yaml.safe_load(v) for v in values]
+            check_text(item, key.strip(), "--set")     # before YAML folds a newline away
+            grid[key.strip()] = [_swept_value(item, v) for v in values]
         else:
             common.append(item)
     method_list = split_top_level(methods)
-    seed_list = [int(s) for s in split_top_level(seeds)] if seeds else [0]
+    seed_list = [_seed(s, seeds) for s in split_top_level(seeds)] if seeds else [0]
     if len(method_list) == 1 and seeds is None and not grid:
         return None
     return SweepSpec(name, method_list, seed_list, preset, configs, common, grid)
@@ -136,6 +174,10 @@ def enumerate_cells(spec: SweepSpec) -> list[Cell]:
                 parts = [method, *(_label(leaf, v) for leaf, v in zip(leaves, values)), f"seed{seed}"]
                 cells.append(Cell("-".join(parts), method, seed, dict(zip(keys, values))))
     ids = [c.id for c in cells]
+    for cid in ids:               # methods are checked and labels reduced: this is a last guard
+        if not SAFE_NAME.fullmatch(cid) or len(cid) > ID_MAX:
+            raise ConfigError(f"sweep: cell id {cid!r} is not a folder name of at most {ID_MAX} "
+                              "characters (letters, digits, '.', '_', '-'); shorten the grid values")
     if len(set(ids)) != len(ids):
         raise ConfigError(f"sweep: cells {sorted({i for i in ids if ids.count(i) > 1})} repeat; "
                           "two grid values print alike")

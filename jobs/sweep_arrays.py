@@ -1,7 +1,8 @@
 """A sweep's job arrays and its record.
 
-On SLURM each resource group (cells whose jobs need the same resources) is one job array per
-job (pre-training, each evaluation), chunked under the cluster's ``MaxArraySize``; task i of an
+On SLURM each resource group (cells whose jobs need the same resources on the same partition:
+a grid over ``cluster.partition`` makes one group per partition) is one job array per job
+(pre-training, each evaluation), chunked under the cluster's ``MaxArraySize``; task i of an
 evaluation array waits for task i of its pre-training array (``--dependency=aftercorr``), so a
 fast cell's evaluations start while a slow cell still trains. The sweep's record is
 ``<runs_root>/<sweep>/sweep.json``: its cells, its MLflow parent run, and every submission (the
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_mim.config import Config, ConfigError, load_config
-from hpc_mim.rundir import atomic_write_text
+from hpc_mim.rundir import atomic_write_text, run_dir_path
 from jobs.plan import JobSpec
 from jobs.sweep import Cell, SweepSpec, enumerate_cells, spec_dict
 
@@ -36,6 +37,7 @@ class Array:
     cells: list[str]
     specs: list[JobSpec]
     after: int | None = None
+    partition: str = ""                 # the cells' cluster.partition ("" the cluster's default)
 
 
 def max_array_size() -> int:
@@ -52,21 +54,24 @@ def signature(plan: list[JobSpec], partition: str) -> tuple:
                           j.gpus_per_node, j.time_min, j.max_restarts, tuple(j.after)) for j in plan))
 
 
-def plan_arrays(plans: dict[str, list[JobSpec]], partition: str, max_size: int) -> list[Array]:
-    """Cells -> arrays: grouped by identical resources, chunked to ``max_size`` tasks; within a
-    chunk one array per job, evaluations after the chunk's pre-training array."""
+def plan_arrays(plans: dict[str, list[JobSpec]], partitions: str | dict[str, str],
+                max_size: int) -> list[Array]:
+    """Cells -> arrays: grouped by identical resources and partition (``partitions``: each
+    cell's ``cluster.partition``, or one for all), chunked to ``max_size`` tasks; within a chunk
+    one array per job, evaluations after the chunk's pre-training array."""
     groups: dict[tuple, list[str]] = {}
     for cell, plan in plans.items():
-        groups.setdefault(signature(plan, partition), []).append(cell)
+        part = partitions if isinstance(partitions, str) else partitions[cell]
+        groups.setdefault(signature(plan, part), []).append(cell)
     arrays: list[Array] = []
-    for cells in groups.values():
+    for key, cells in groups.items():
         for start in range(0, len(cells), max_size):
             chunk = cells[start:start + max_size]
             index: dict[str, int] = {}
             for k, spec in enumerate(plans[chunk[0]]):
                 after = index[spec.after[0]] if spec.after else None
                 index[spec.name] = len(arrays)
-                arrays.append(Array(spec.name, chunk, [plans[c][k] for c in chunk], after))
+                arrays.append(Array(spec.name, chunk, [plans[c][k] for c in chunk], after, key[0]))
     return arrays
 
 
@@ -92,7 +97,9 @@ def resolve_cells(spec: SweepSpec, flags: list[str]) -> tuple[Path, dict[str, tu
         except ConfigError as e:
             raise ConfigError(f"cell {cell.id}: {e}") from e
         cfg.runs_root, cfg.data.root = str(Path(cfg.runs_root).resolve()), str(Path(cfg.data.root).resolve())
-        sweep_dir = sweep_dir or Path(cfg.runs_root) / spec.name
+        # resolved, one folder inside runs_root, no control character (the cwd may hold one)
+        sweep_dir = sweep_dir or run_dir_path(cfg.runs_root, spec.name, key="sweep name")
+        run_dir_path(sweep_dir, cell.id, key=f"sweep {spec.name}: cell id")
         cfg.name = f"{spec.name}/{cell.id}"
         out[cell.id] = (cell, cfg)
     return sweep_dir, out

@@ -16,7 +16,7 @@ if [ ! -f data/fmnist/train.beton ]; then
   $PY -m data_prep.fashion_mnist --out data/fmnist
 fi
 if [ ! -f data/fmnist_scenes/coco/annotations/instances_val2017.json ]; then
-  $PY -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500
+  $PY -m data_prep.scenes --out data/fmnist_scenes --train 2000 --val 500 --force   # over a partial earlier one
 fi
 data_s=$(( $(date +%s) - start ))
 NAME=demo-$METHOD-$(date +%Y%m%d-%H%M%S)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real SLURM cluster on this one machine: munge + slurmctld + N pretend nodes (slurmd -N).
 # Used by the test suite and for trying jobs/submit.py --cluster slurm without a cluster.
+# Partitions: debug (the default) and second (MaxTime 60 min), both over all nodes.
 #
 #   scripts/local_slurm.sh start [NODES] [CPUS]   # default 2 nodes of 2 CPUs, idle when this returns
 #   scripts/local_slurm.sh stop
@@ -61,7 +62,11 @@ AccountingStorageType=accounting_storage/none
 # since their 1-CPU jobs spend much of their life waiting (start-up, a requeue, a rendezvous)
 SlurmdParameters=config_overrides
 NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$((17000 + NODES))] CPUs=$CPUS RealMemory=8000 State=UNKNOWN
+# two partitions over the same nodes: debug (the default, no time limit) takes every job that
+# names none; second (60 min) is there for what only a second partition shows: a sweep grid over
+# cluster.partition, a resume that sends each cell to its own, a time limit to check against
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=second Nodes=ALL MaxTime=60 State=UP
 CONF
   mkdir -p /etc/slurm
   # an empty file is no one's config (an interrupted copy leaves one)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real Fashion-MNIST conversion and the real local SLURM cluster."""
+"""Shared fixtures: a small real Fashion-MNIST conversion, the real local SLURM cluster, and
+empty MLflow stores (one made per session, copied per test)."""
 from __future__ import annotations
 
 import os
@@ -58,6 +59,56 @@ def queued_since(before: list[str]) -> set[str]:
     return set(squeue_ids()) - set(before)
 
 
+def ended_state(job_id: str, within: float = 30) -> str:
+    """The job's JobState from ``scontrol`` once it is no longer queued, running or completing
+    (a job cancelled as it started is COMPLETING until its processes are gone)."""
+    import re
+    import time
+    deadline = time.time() + within
+    while True:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                               check=False).stdout
+        state = (re.search(r"\bJobState=(\S+)", shown) or [None, "?"])[1]
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING") or time.time() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+def placeholder_data(root: Path) -> Path:
+    """A data.root whose fmnist files exist (empty): enough for jobs/submit.py's input check, for
+    tests whose jobs are refused, or cancelled as soon as they are queued."""
+    (root / "fmnist").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / "fmnist" / f"{split}.beton").write_bytes(b"")
+    return root
+
+
+# ------------------------------------------------------------------ MLflow stores
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty sqlite MLflow store, made once per session: creating one runs MLflow's
+    migrations (5-9 s here), copying it takes milliseconds."""
+    from hpc_mim.tracking import client
+    db = tmp_path_factory.getbasetemp() / "mlflow_template" / "mlflow.db"
+    if not db.is_file():
+        db.parent.mkdir(exist_ok=True)
+        making = db.with_name(f"making-{os.getpid()}.db")
+        client(f"sqlite:///{making}").search_experiments()
+        os.replace(making, db)            # whole or absent
+    return db
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_template, tmp_path) -> str:
+    """A fresh copy of the empty store for this test, outside its runs folder."""
+    import shutil
+    copy = tmp_path / "store" / "mlflow.db"
+    copy.parent.mkdir()
+    shutil.copy(mlflow_template, copy)
+    return f"sqlite:///{copy}"
+
+
 # ------------------------------------------------------------------ host syncs
 
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
@@ -95,3 +146,18 @@ class HostSyncs:
     @property
     def total(self) -> int:
         return sum(self.sites.values())
+
+
+def submitted_run(folder: Path, cfg) -> tuple:
+    """A run directory as jobs/submit.py leaves it: the resolved config, an MLflow parent run
+    in a sqlite store next to it, tracking.json. Returns (RunDir, tracking URI, parent run id)."""
+    from hpc_mim import tracking
+    from hpc_mim.config import save_config
+    from hpc_mim.rundir import RunDir
+    run = RunDir(folder / "run").create()
+    save_config(cfg, run.config)
+    uri = tracking.default_uri(folder)
+    exp = tracking.ensure_experiment(uri, "test")
+    parent = tracking.MLflowLogger.create_run(uri, exp, "pretrain")
+    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
+    return run, uri, parent.run_id

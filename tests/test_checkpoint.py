@@ -11,23 +11,14 @@ import pytest
 import torch
 import yaml
 
+from conftest import submitted_run
 from hpc_mim.train.checkpoint import CheckpointManager
 
 
 def make_run(tmp_path: Path, overrides: list[str], method: str = "mae"):
     """A run directory as jobs/submit.py leaves it (config, MLflow parent run, tracking.json)."""
-    from hpc_mim import tracking
-    from hpc_mim.config import load_config, save_config
-    from hpc_mim.rundir import RunDir
-
-    cfg = load_config(method, "smoke", overrides=overrides)
-    run = RunDir(tmp_path / "run").create()
-    save_config(cfg, run.config)
-    uri = tracking.default_uri(tmp_path)
-    exp = tracking.ensure_experiment(uri, "test")
-    parent = tracking.MLflowLogger.create_run(uri, exp, "pretrain")
-    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
-    return run, uri, parent.run_id
+    from hpc_mim.config import load_config
+    return submitted_run(tmp_path, load_config(method, "smoke", overrides=overrides))
 
 
 def pretrain(run, max_steps: int = 0) -> subprocess.CompletedProcess:
@@ -82,7 +73,9 @@ def test_crash_during_write_keeps_previous_latest(tmp_path):
 
 
 def test_pretrain_resumes_from_latest_checkpoint(tmp_path, data_root):
-    """Real DeepSpeed (ZeRO-2, one process): stop after 6 steps, then continue to 12."""
+    """Real DeepSpeed (ZeRO-2, one process): stop after 6 steps, then continue to 12. The RNG
+    files hold tensors and numbers only: ``weights_only=True`` loads them (tests/test_rng_state.py:
+    the rest)."""
     from mlflow.tracking import MlflowClient
 
     run, uri, run_id = make_run(tmp_path, [f"data.root={data_root}", "train.max_steps=6",
@@ -90,6 +83,8 @@ def test_pretrain_resumes_from_latest_checkpoint(tmp_path, data_root):
     first = pretrain(run)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (run.checkpoints / "latest").read_text() == "step_00000006"
+    rng = torch.load(run.checkpoints / "step_00000006" / "rng_rank0.pt", weights_only=True)
+    assert rng["torch"].dtype == torch.uint8 and rng["numpy"]["keys"].shape == (624,)
     second = pretrain(run, max_steps=12)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step_00000006 at step 6" in second.stdout
@@ -175,7 +170,9 @@ def reference(tmp_path_factory, data_root):
     return ref
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+# SIGUSR2 only: SIGTERM takes the same path (hpc_mim/distributed/preemption.py), and
+# test_preemption.py stops real SLURM jobs with both and checks the same weights
+@pytest.mark.parametrize("sig", [signal.SIGUSR2])
 def test_stop_signal_checkpoints_and_resume_is_bit_identical(tmp_path, data_root, reference, sig):
     """Stopped by a scheduler signal mid-epoch, run again: the same final weights, bit for bit,
     as an uninterrupted run, and one MLflow run with every step logged exactly once."""

@@ -27,7 +27,7 @@ def test_master_addr_is_the_first_nodes_address_not_its_name(slurm_cluster):
 def test_rendezvous_timeout_names_host_and_port(tmp_path, data_root):
     """Rank 1 of 2 waits for a rank 0 that never comes: a clear error after the timeout."""
     from hpc_mim.distributed.env import free_port
-    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", "cluster.rendezvous_timeout_s=5"])
+    run, _, _ = make_run(tmp_path, [f"data.root={data_root}", "cluster.rendezvous_timeout_s=2"])
     port = free_port()
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

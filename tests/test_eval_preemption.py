@@ -20,11 +20,12 @@ from test_pipeline import scontrol
 from test_preemption import wait_until
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-FINETUNE_STEPS, SEG_STEPS, EVAL_EVERY = 160, 150, 50
+FINETUNE_STEPS, SEG_STEPS, EVAL_EVERY = 96, 90, 40       # 12 epochs x 8 steps; two stops each
 SETTINGS = [
     "evals=[finetune, segmentation]", "eval.finetune.nodes=2", "eval.segmentation.nodes=2",
-    "eval.finetune.max_steps=0", "eval.finetune.epochs=20", "eval.finetune.max_train_samples=512",
+    "eval.finetune.max_steps=0", "eval.finetune.epochs=12", "eval.finetune.max_train_samples=512",
     f"eval.segmentation.steps={SEG_STEPS}",
+    "eval.keep_checkpoints=true",        # the final weights are compared from the checkpoints
     *[f"eval.{n}.{k}={v}" for n in ("finetune", "segmentation")
       for k, v in (("log_every", 1), ("checkpoint_every", 25), ("eval_every", EVAL_EVERY))],
 ]
@@ -45,13 +46,13 @@ def logged_step(run_dir: Path, label: str) -> int:
 
 
 def interrupt_twice(run_dir: Path, label: str, job: str) -> None:
-    """USR2 at step >= 30; once resumed, ``scontrol requeue`` 30 steps later."""
-    wait_until(lambda: logged_step(run_dir, label) >= 30, f"{label} step 30", timeout=600)
+    """USR2 at step >= 20; once resumed, ``scontrol requeue`` 20 steps later."""
+    wait_until(lambda: logged_step(run_dir, label) >= 20, f"{label} step 20", timeout=600)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     log = run_dir / "logs" / f"{label}.log"
     wait_until(lambda: "resumed from" in log.read_text(), f"{label} resumed", timeout=400)
     resumed = int(re.findall(r"resumed from \S+ at step (\d+)", log.read_text())[-1])
-    wait_until(lambda: logged_step(run_dir, label) >= resumed + 30, f"{label} step +30", timeout=400)
+    wait_until(lambda: logged_step(run_dir, label) >= resumed + 20, f"{label} step +20", timeout=400)
     subprocess.run(["scontrol", "requeue", job], check=True)
 
 

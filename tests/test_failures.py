@@ -4,19 +4,23 @@ a lost peer of a real gloo group told apart from a genuine error, the requeue po
 outcome markers and status records, and the progress watchdog in a real process."""
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from submitit.core.utils import DelayedSubmission, JobPaths
 
 from conftest import REPO
 from hpc_mim.distributed.env import free_port
 from hpc_mim.distributed.outcome import JobOutcome, classify, is_lost_peer, read_markers
 from hpc_mim.distributed.preemption import Preempted
 from jobs.after_tasks import decide
+from jobs.launcher import run_entry
 
 
 def lose_a_peer(rank: int, port: int, out: dict) -> None:
@@ -160,3 +164,74 @@ def test_a_job_script_exports_the_outcome_folder_and_traps_its_exit(tmp_path):
     assert 'jobs/after_tasks.py" $? 4\' EXIT' in script
     trap = textwrap.dedent(script.split("trap '", 1)[1].split("' EXIT")[0])
     assert trap.startswith(f'"{sys.executable}"')
+
+
+def run_task(tmp_path: Path, entry: str, rank: int = 0, leftover: bool = False) -> tuple[int, str, JobPaths]:
+    """``probe_entry:main`` (``entry``: the module's source) run as rank ``rank`` of a real
+    2-task submitit job (its local environment, as sbatch's would be), through the launcher;
+    ``leftover``: with the half-written result a killed earlier start leaves."""
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "probe_entry.py").write_text(entry)
+    paths = JobPaths(tmp_path / "jobs", job_id="41", task_id=rank)
+    paths.folder.mkdir()
+    DelayedSubmission(run_entry, "probe_entry:main", {}).dump(paths.submitted_pickle)
+    if leftover:
+        Path(f"{paths.result_pickle}.save_tmp").write_bytes(b"half a pickle")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}", SUBMITIT_EXECUTOR="local",
+               SUBMITIT_LOCAL_JOB_ID="41", SUBMITIT_LOCAL_NTASKS="2",
+               SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_LOCAL_NODEID="0",
+               SUBMITIT_LOCAL_GLOBALID=str(rank), SUBMITIT_LOCAL_LOCALID=str(rank))
+    r = subprocess.run([sys.executable, "-m", "submitit.core._submit", str(paths.folder)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return r.returncode, r.stderr, paths
+
+
+def test_a_requeued_task_finishes_past_the_result_its_killed_start_left_half_written(tmp_path):
+    """submitit refuses to write a task's result while ``<result>.save_tmp`` exists; a start
+    killed while writing it (srun ending the survivor of a lost node) leaves one, and the
+    requeued start did all its work and then failed on its last line (seen 1 run in N in
+    test_preemption's kill_one case)."""
+    rc, err, paths = run_task(tmp_path, "def main():\n    return 7\n", rank=1, leftover=True)
+    assert rc == 0, err[-3000:]
+    assert not Path(f"{paths.result_pickle}.save_tmp").exists()
+    assert pickle.loads(paths.result_pickle.read_bytes()) == ("success", 7)
+
+
+ENDS = """
+import atexit, builtins, os
+from pathlib import Path
+HERE = Path(__file__).parent
+atexit.register(lambda: (HERE / "atexit_ran").write_text("yes"))
+TEARDOWN = os.open(HERE / "teardown", os.O_WRONLY | os.O_CREAT)
+
+class Teardown:
+    def __del__(self, write=os.write, fd=TEARDOWN):
+        write(fd, b"ran")      # the interpreter's teardown clears the builtins, and this with them
+
+def main():
+    builtins.hpc_mim_probe = Teardown()
+    if (HERE / "fail").exists():
+        raise ValueError("the job's own error")
+    return 7
+"""
+
+
+def test_a_finished_task_ends_after_its_exit_handlers_without_the_interpreter_teardown(tmp_path):
+    """A task that did its work and whose result submitit recorded runs every atexit handler
+    and then ends (status 0) without the interpreter's teardown, during which a gloo (or NCCL)
+    thread freeing a finished collective's tensors aborts the process (jobs/task_exit.py: the
+    backtrace; SLURM would record FAILED and the chained evaluations never start). A failed
+    task exits as usual, with its error status."""
+    rc, err, paths = run_task(tmp_path / "ok", ENDS)
+    assert rc == 0, err[-3000:]
+    assert pickle.loads(paths.result_pickle.read_bytes()) == ("success", 7)
+    assert (tmp_path / "ok" / "atexit_ran").is_file()
+    assert (tmp_path / "ok" / "teardown").read_text() == ""
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "fail").touch()         # the same entry, raising
+    rc, err, paths = run_task(tmp_path / "failed", ENDS)
+    assert rc == 1 and "the job's own error" in err
+    assert pickle.loads(paths.result_pickle.read_bytes())[0] == "error"
+    assert (tmp_path / "failed" / "atexit_ran").is_file()
+    assert (tmp_path / "failed" / "teardown").read_text() == "ran"

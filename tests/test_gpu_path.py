@@ -131,9 +131,9 @@ def collective_worker(rank: int, port: int, out: dict) -> None:
     from hpc_mim.distributed.env import DistEnv
     import torch.distributed as dist
     env = DistEnv(rank=rank, world_size=2, master_port=port)
-    ds.init_distributed(env, torch.device("cpu"), rendezvous_timeout_s=10, collective_timeout_s=120)
+    ds.init_distributed(env, torch.device("cpu"), rendezvous_timeout_s=4, collective_timeout_s=120)
     if rank == 0:
-        time.sleep(15)                 # rank-0-only work: MLflow, checkpoint pruning, fsync
+        time.sleep(7)                  # rank-0-only work: MLflow, checkpoint pruning, fsync
     t = torch.ones(1) * (rank + 1)
     start = time.time()
     dist.all_reduce(t)
@@ -142,13 +142,13 @@ def collective_worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_a_collective_waits_past_the_rendezvous_timeout():
-    """Rank 1 waits 15 s in an all-reduce for rank 0; the rendezvous timeout (10 s) does not
+    """Rank 1 waits 7 s in an all-reduce for rank 0; the rendezvous timeout (4 s) does not
     apply to collectives, so the job lives (a single timeout would have killed it)."""
     port = free_port()
     out = mp.Manager().dict()
     mp.spawn(collective_worker, args=(port, out), nprocs=2, join=True)
     assert out[0][0] == out[1][0] == 3.0
-    assert out[1][1] > 11               # it really waited longer than the rendezvous timeout
+    assert out[1][1] > 5                # it really waited longer than the rendezvous timeout
 
 
 def test_each_task_finds_its_own_gpu_with_or_without_slurm_gpu_binding():

@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 from conftest import submit
 from test_pipeline import scontrol, wait_for
 
-STEPS = 48                       # 6 epochs x 8 steps: long enough to interrupt at step ~15
-SETTINGS = ["train.epochs=6", "train.log_every=1", "checkpoint.every_steps=10", "evals=[knn]"]
+STEPS = 40                       # 5 epochs x 8 steps: long enough to interrupt at step ~15
+SETTINGS = ["train.epochs=5", "train.log_every=1", "checkpoint.every_steps=10", "evals=[knn]"]
 
 
 def launch(root: Path, data_root: Path) -> tuple[dict[str, str], Path]:

@@ -40,10 +40,11 @@ def test_a_zero_engine_starts_without_loading_the_compiler():
         "engine = initialize(model, torch.optim.AdamW(model.parameters(), lr=0.1), load_config('mae', 'smoke').train, 1)\n"
         "for _ in range(2):\n"
         "    engine.backward(engine(torch.ones(32, 4)).sum()); engine.step()\n"
-        # and exits as a job does: the launcher leaves the group and freezes the collector, so
-        # no cyclic garbage (the engine) is torn down during interpreter exit
-        "from hpc_mim.distributed.env import leave_process_group; import gc\n"
-        "leave_process_group(); gc.freeze()\n"
+        # and ends as a finished job does (jobs/task_exit.py): left to the interpreter's teardown,
+        # a gloo thread freeing the last all-reduce aborted it (SIGABRT) ~1 run in 30 under load
+        "from hpc_mim.distributed.env import leave_process_group\n"
+        "from jobs.task_exit import end_without_teardown\n"
+        "leave_process_group(); end_without_teardown(lambda: True)\n"
         "print(engine.zero_optimization_stage(), not torch.equal(before, model.weight.detach()),"
         " 'torch._inductor.compile_fx' in sys.modules, torch.compile is compile_)")
     assert out == ["2", "True", "False", "True"]

@@ -11,6 +11,9 @@ EMA teachers (a 1 - 0.996 momentum step is below bf16's resolution), BatchNorm s
 gradients and their all-reduce (``lower_precision_safe_modules: []``), the optimizer, and the
 exported encoder. DeepSpeed's own ``bf16`` section would instead cast the whole module,
 teachers included, to bf16; we never enable it.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (``weights_only_loads``): DeepSpeed's
+own reader would unpickle anything a run directory holds, and so run its code.
 """
 from __future__ import annotations
 
@@ -158,9 +161,37 @@ def save_checkpoint(engine, folder: Path, tag: str, client_state: dict[str, Any]
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
 
 
+def checkpoint_classes() -> list[type]:
+    """The classes DeepSpeed 0.19's checkpoints hold beyond tensors and plain data (ZeRO 0-3,
+    bf16 autocast, AdamW): the loss scaler, the ZeRO stage enum and a fragment address."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine):
+    """DeepSpeed's checkpoint engine reads every file with ``torch.load(weights_only=False)``:
+    a pickle placed in a run directory would run its code in whoever resumes the run. Inside
+    this block the engine reads with ``weights_only=True``, allowing only ``checkpoint_classes``."""
+    ckpt = engine.checkpoint_engine
+
+    def load(path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt.load = load                          # an instance attribute shadows the method
+    try:
+        with torch.serialization.safe_globals(checkpoint_classes()):
+            yield
+    finally:
+        del ckpt.load
+
+
 def load_checkpoint(engine, folder: Path, tag: str) -> dict[str, Any]:
-    path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
+    with weights_only_loads(engine):
+        path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
     return client_state or {}
@@ -196,10 +227,13 @@ def gathered(engine, read: list[nn.Parameter], write: list[nn.Parameter]):
 
 def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
     """The whole model's fp32 state dict from checkpoint ``folder/tag`` of any ZeRO stage,
-    frozen parameters (EMA teachers) included; offline, on CPU, no process group needed."""
+    frozen parameters (EMA teachers) included; offline, on CPU, no process group needed. ZeRO
+    shards go through DeepSpeed's ``zero_to_fp32``, which unpickles them (``weights_only=False``,
+    hard-coded): run directories are private to their owner (hpc_mim/rundir.py) for this."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     path = Path(folder) / tag
     if list(path.glob("zero_pp_rank_*optim_states.pt")):           # ZeRO 1-3: sharded
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
-    blob = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(checkpoint_classes()):
+        blob = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in blob["module"].items()}

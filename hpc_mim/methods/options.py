@@ -4,13 +4,16 @@
 method that uses them; what only one method reads lives in its own section, e.g.
 ``method.noised_mim.noise_block``. A preset may set the sections of several methods at once:
 only the chosen method's section is used (and written into the run's config), and only it is
-checked against the shared ``mask_ratio`` and the model depth. Torch-free, so the login-node CLI
-validates them before anything is queued.
+checked against the shared ``mask_ratio`` and the model depth. Every numeric option has its
+range in its class's ``RANGES`` table, checked as values are read (hpc_mim/config_checks.py).
+Torch-free, so the login-node CLI validates them before anything is queued.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
+from hpc_mim.config_checks import LAYERS_MAX, PIXELS_MAX, WIDTH_MAX, Range
 from hpc_mim.config_error import ConfigError
 
 
@@ -31,6 +34,10 @@ class NoisedMIMOptions:
     noise_scale: str = "rms"            # rms: eps x each token's RMS (features) | unit: eps ~ N(0, 1)
     noise_loss_weight: float = 1.0
     disruption_weight: float = 0.1      # lambda of the disruption loss; 0 disables it
+    RANGES: ClassVar[dict[str, Range]] = {
+        "noise_ratio": "(0, 1)", "noise_block": (f"[0, {LAYERS_MAX})", "0 = pixels"),
+        "noise_steps": "[1, 1000000]", "noise_max_t": "[1, 1000000]", "noise_loss_weight": "[0, inf)",
+        "disruption_weight": ("[0, inf)", "0 disables it")}
 
     def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(self.style in ("encoder", "decoder"), "noised_mim.style",
@@ -65,6 +72,11 @@ class LatentMIMOptions:
     momentum: float = 0.99              # EMA target encoder, cosine to 1
     sim_reg_weight: float = 0.0         # similarity regulariser c (authors' command: 0.1)
     sim_target: list[float] = field(default_factory=lambda: [0.75, 0.25])  # s, cosine start -> end
+    RANGES: ClassVar[dict[str, Range]] = {
+        "gap": f"[0, {PIXELS_MAX}]", "head_hidden_dim": f"[1, {WIDTH_MAX}]",
+        "temperature": ("(0, inf)", "InfoNCE divides by it"), "momentum": "[0, 1]",
+        "sim_reg_weight": ("[0, inf)", "0 turns the regulariser off"),
+        "sim_target": ("[-1, 1]", "cosine similarities")}
 
     def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(self.gap >= 0, "latent_mim.gap", "must be >= 0")
@@ -80,6 +92,8 @@ class LUTOptions:
     head_hidden_dim: int = 4096         # projector / predictor D -> H -> D
     cross_view_weight: float = 0.25
     momentum: float = 0.996             # EMA teacher, cosine to 1
+    RANGES: ClassVar[dict[str, Range]] = {
+        "head_hidden_dim": f"[1, {WIDTH_MAX}]", "cross_view_weight": "[0, inf)", "momentum": "[0, 1]"}
 
     def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(self.head_hidden_dim > 0, "lut.head_hidden_dim", "must be > 0")
@@ -97,6 +111,9 @@ class UMDOptions:
     no_noise_prob: float = 0.5          # fraction of each batch kept clean (t = 0)
     diffusion_steps: int = 1000
     num_cls_tokens: int = 4
+    RANGES: ClassVar[dict[str, Range]] = {
+        "noised_mask_ratio": "[0, 1)", "no_noise_prob": ("[0, 1]", "a probability"),
+        "diffusion_steps": "[1, 1000000]", "num_cls_tokens": f"[1, {LAYERS_MAX}]"}
 
     def validate(self, mask_ratio: float | None = None, depth: int | None = None) -> None:
         _check(0.0 <= self.noised_mask_ratio < 1.0, "umd.noised_mask_ratio", "must be in [0, 1)")

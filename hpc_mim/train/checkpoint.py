@@ -11,14 +11,27 @@ nothing if the job were killed before the rename. So a crash or kill at any poin
 ``latest`` naming a complete folder (or no ``latest`` at all); stale ``.tmp`` folders are
 removed on the next save. Only the newest ``keep_last`` are kept, and never the one ``latest``
 names.
+
+Each rank's random generators (``rng_rank<rank>.pt``: torch, CUDA, numpy, python) are stored as
+tensors and numbers only (``save_rng`` / ``load_rng``), so they load with ``weights_only=True``:
+an unrestricted unpickle of a file in the run directory would run whatever code a pickle
+names, i.e. write access to a run directory would be code execution for whoever resumes it.
+Files of the previous format (numpy's and python's state tuples pickled as they are) still load
+with ``weights_only=True``, allowing only numpy's array rebuild (``_LEGACY_NUMPY``), so runs
+checkpointed before resume exactly, with no opt-in; anything else is refused, not executed.
+DeepSpeed's own shards are loaded by DeepSpeed (hpc_mim/distributed/deepspeed.py).
 """
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
+import torch
 
 from hpc_mim.rundir import atomic_write_text
 
@@ -125,3 +138,55 @@ class CheckpointManager:
         for old in self._published()[:-self.keep_last]:
             if old != current:
                 shutil.rmtree(self.folder / old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- RNG state files
+# What the previous format needs beyond weights_only's defaults: the numpy uint32 key array of
+# np.random.get_state() (under numpy 1's module name too). No other callable is allowed.
+_LEGACY_NUMPY = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                 (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+def save_rng(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (hpc_mim/train/process.py ``rng_state``: torch and CUDA byte tensors,
+    numpy's ``("MT19937", keys[624] uint32, pos, has_gauss, cached_gaussian)``, python's
+    ``(version, 625 ints, gauss_next)``) as tensors and plain numbers."""
+    _, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    blob = {"format": 2, "torch": state["torch"],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            # the 624 Mersenne Twister words (< 2**32) and the position fit int64
+            "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}}
+    if "cuda" in state:
+        blob["cuda"] = state["cuda"]
+    torch.save(blob, path)
+
+
+def load_rng(path: Path) -> dict[str, Any]:
+    """The state ``save_rng`` wrote to ``path`` (or the previous format), in ``rng_state``'s
+    form, read with ``weights_only=True``. A file holding anything else (a pickle naming a
+    function: code that would run on load) raises ``pickle.UnpicklingError``; nothing runs."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            with torch.serialization.safe_globals(_LEGACY_NUMPY):
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(
+                f"{path}: not an RNG state file (it holds objects other than tensors and numbers, "
+                f"which would run code when loaded): refused. Was the run directory altered by someone "
+                f"else? ({str(e)[:300]})") from None
+    if blob.get("format") != 2:           # the previous format: the tuples themselves
+        return blob
+    n = blob["numpy"]
+    p = blob["python"]
+    state = {"torch": blob["torch"],
+             "numpy": ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                       n["cached_gaussian"]),
+             "python": (p["version"], tuple(p["internal"].tolist()), p["gauss_next"])}
+    if "cuda" in blob:
+        state["cuda"] = blob["cuda"]
+    return state

@@ -10,9 +10,10 @@ What the loop owns, identically for all of them:
   ``Budget.checkpoint_every`` steps, on a stop signal and at the end, never more often (an
   ImageNet epoch is 10-30 s on 64 GPUs: a save per epoch would cost more than the training),
   holding the weights, the optimizer, the data position (epoch, micro-batch) and every rank's
-  RNG states (CPU, numpy, python, CUDA). The tasks' data order and augmentation are functions
-  of (seed, epoch, sample), so a resumed run continues exactly as an uninterrupted one would
-  (bit-identical on CPU in fp32 at the same world size).
+  RNG states (CPU, numpy, python, CUDA; as tensors and numbers, loaded with ``weights_only``).
+  The tasks' data order and augmentation are functions of (seed, epoch, sample), so a resumed
+  run continues exactly as an uninterrupted one would (bit-identical on CPU in fp32 at the
+  same world size).
 - Stop signals (hpc_mim/distributed/preemption.py): after the current step every rank saves
   and ``Preempted`` is raised, so the job requeues; a non-finite loss stops the run before
   anything is saved, naming the step and the last good checkpoint.
@@ -39,7 +40,7 @@ from hpc_mim.distributed import deepspeed as ds
 from hpc_mim.distributed.preemption import STOP, Preempted
 from hpc_mim.distributed.watchdog import ProgressWatchdog
 from hpc_mim.tracking import MLflowLogger
-from hpc_mim.train.checkpoint import CheckpointManager
+from hpc_mim.train.checkpoint import CheckpointManager, load_rng, save_rng
 from hpc_mim.train.process import Process, rng_state, set_rng_state
 
 
@@ -288,7 +289,7 @@ class TrainLoop:
 
         def save_fn(folder: Path, tag: str) -> None:
             ds.save_checkpoint(self.engine, folder, tag, state)
-            torch.save(rng_state(self.device), folder / tag / f"rng_rank{self.env.rank}.pt")
+            save_rng(folder / tag / f"rng_rank{self.env.rank}.pt", rng_state(self.device))
 
         if self.logger:      # first: a published checkpoint implies its steps' metrics were
             self.logger.flush()  # sent (or spooled); a kill in between only repeats a few steps
@@ -300,7 +301,7 @@ class TrainLoop:
             state = ds.load_checkpoint(self.engine, folder, tag)
             rng = folder / tag / f"rng_rank{self.env.rank}.pt"
             if rng.is_file():
-                set_rng_state(torch.load(rng, weights_only=False), self.device)
+                set_rng_state(load_rng(rng), self.device)     # weights_only: nothing in it runs
             return state
 
         state = self.ckpt.load(load_fn)

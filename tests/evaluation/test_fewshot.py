@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import submitted_run
 from evaluation.fewshot import RidgeProbe, draw_shots, fewshot_accuracy
 
 
@@ -106,20 +107,12 @@ def test_fewshot_is_a_registered_classification_evaluation():
 def tiny_run(tmp_path, data_root, monkeypatch, overrides: list[str]):
     """A run directory as jobs/submit.py leaves it (config, MLflow parent run), no encoder.pt:
     the evaluations read the random-init encoder of the smoke preset."""
-    from hpc_mim import tracking
-    from hpc_mim.config import load_config, save_config
-    from hpc_mim.rundir import RunDir
+    from hpc_mim.config import load_config
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)   # join() exports them: not into later tests' jobs
     cfg = load_config("mae", "smoke", overrides=[f"data.root={data_root}", "eval.baselines=[]",
                                                  *overrides])
-    run = RunDir(tmp_path / "run").create()
-    save_config(cfg, run.config)
-    uri = tracking.default_uri(tmp_path)
-    exp = tracking.ensure_experiment(uri, "test")
-    parent = tracking.MLflowLogger.create_run(uri, exp, "pretrain")
-    run.write_tracking({"uri": uri, "experiment_id": exp, "run_id": parent.run_id})
-    return run, cfg
+    return submitted_run(tmp_path, cfg)[0], cfg
 
 
 def random_encoder(cfg):
