@@ -60,6 +60,9 @@ class SweepSpec:
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep grid: {key} needs a non-empty list of values, got {values!r}")
+        for seed in self.seeds:          # train.seed of a cell: an int in numpy's range
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2 ** 32 - 1:
+                raise ConfigError(f"sweep seeds: {seed!r} is not a seed (an integer in [0, 2**32 - 1])")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"sweep seeds {self.seeds} repeat a seed")
 
@@ -86,6 +89,8 @@ def load_sweep_file(path: str | Path, name: str = "", preset: str | None = None,
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise yaml_error(str(path), e) from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"--sweep {path}: cannot be read as UTF-8 text ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping of {[f.name for f in fields(SweepSpec)]}")
     known = {f.name for f in fields(SweepSpec)}

@@ -66,6 +66,13 @@ def test_sweep_file_errors_name_the_file_and_key(tmp_path):
         load_sweep_file(f)
     with pytest.raises(ConfigError, match="no such file"):
         load_sweep_file(tmp_path / "missing.yaml")
+    for seeds in ("[[1]]", "[x]", "[-1]", "[true]", f"[{2 ** 32}]"):    # a TypeError or worse before
+        f.write_text(f"methods: [mae]\nseeds: {seeds}\n")
+        with pytest.raises(ConfigError, match="sweep seeds: .* is not a seed"):
+            load_sweep_file(f)
+    f.write_bytes(b"methods: [mae]\nname: caf\xe9\n")                   # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=rf"--sweep {f}: cannot be read as UTF-8"):
+        load_sweep_file(f)
 
 
 def test_bad_cell_is_refused_before_anything_is_created(tmp_path):
