@@ -20,6 +20,7 @@ rank 0 of a job; on 8 nodes x 8 GPUs the other 63 ranks never load it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 from hpc_mim.redact import redact  # noqa: E402
 from hpc_mim.rundir import atomic_write_text  # noqa: E402
-from hpc_mim.tracking_spool import Rejected, Spool, retryable  # noqa: E402
+from hpc_mim.tracking_spool import Rejected, Spool  # noqa: E402
 
 MAX_PARAMS_PER_BATCH = 100
 
@@ -70,6 +71,46 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
         return exp.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
     return store.create_experiment(name, artifact_location=location)
+
+
+# MlflowException error codes of the 5xx / 429 family that a later try cannot cure: the request
+# itself is wrong for the store (mlflow/exceptions.py ERROR_CODE_TO_HTTP_STATUS maps them to 500
+# and 501, with TEMPORARILY_UNAVAILABLE, DEADLINE_EXCEEDED and INTERNAL_ERROR).
+_PERMANENT_CODES = frozenset({"INVALID_STATE", "DATA_LOSS", "NOT_IMPLEMENTED"})
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether ``error`` from an MLflow call means "try again later" rather than "never".
+
+    How MLflow 3.17 reports failures (mlflow/utils/rest_utils.py, mlflow/exceptions.py): an
+    answer with a JSON body raises ``RestException`` with the server's ``error_code``; one
+    without, ``MlflowException`` with the code of its HTTP status; a refused connection, a
+    timeout, or 5xx answers still failing after urllib3's retries are wrapped as
+    ``MlflowException`` with INTERNAL_ERROR (HTTP 500). ``get_http_status_code()`` maps the
+    code back to a status. A sqlite store's "database is locked" is TEMPORARILY_UNAVAILABLE
+    (mlflow/store/db/utils.py). Artifact uploads to an ``mlflow-artifacts`` server raise
+    ``requests`` errors; to a file store, ``OSError``.
+    """
+    if isinstance(error, Rejected):
+        return False
+    import requests
+    from mlflow.exceptions import MlflowException
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return (status >= 500 or status == 429) and error.error_code not in _PERMANENT_CODES
+    if isinstance(error, requests.HTTPError) and error.response is not None:
+        status = error.response.status_code
+        return status >= 500 or status in (408, 429)
+    if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        return True
+    try:                                    # a database store that is down or locked
+        from sqlalchemy.exc import OperationalError
+        if isinstance(error, OperationalError):
+            return True
+    except ImportError:
+        pass
+    # a full artifact file system frees up; a missing or unreadable file stays so
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class MLflowLogger:

@@ -3,7 +3,7 @@
 ``<run>/spool/<run_id>.jsonl`` holds, one JSON line per operation (fsynced), the calls a job
 could not send because the tracking server was unreachable; they are replayed in order
 (hpc_mim/tracking.py ``MLflowLogger.sync``, ``jobs/sync.py``). Only an error that a later try
-can cure keeps a call there (``retryable``): no connection, a timeout, a 5xx or 429 answer, a
+can cure keeps a call there (hpc_mim/tracking.py ``retryable``): no connection, a timeout, a 5xx or 429 answer, a
 locked database. A call the server rejects (a deleted run: INVALID_PARAMETER_VALUE; a run that
 does not exist: RESOURCE_DOES_NOT_EXIST; any other 4xx) or that this side refuses (``Rejected``:
 an artifact outside the run directory, a vanished file) would fail the same way forever and
@@ -12,11 +12,11 @@ block every call behind it, the final status included; it goes to the dead-lette
 the replay goes on. ``jobs/sync.py`` reports dead letters and can requeue them
 (``--retry-rejected``) once their cause is fixed.
 
-A tracking module (it may import mlflow, lazily, as hpc_mim/tracking.py does).
+Plain files only: hpc_mim/tracking.py, the only module that imports mlflow, decides what a
+call's error means.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
@@ -28,46 +28,6 @@ from hpc_mim.rundir import atomic_write_text
 
 class Rejected(Exception):
     """A call that cannot succeed as it stands, decided on this side (no server round trip)."""
-
-
-# MlflowException error codes of the 5xx / 429 family that a later try cannot cure: the request
-# itself is wrong for the store (mlflow/exceptions.py ERROR_CODE_TO_HTTP_STATUS maps them to 500
-# and 501, with TEMPORARILY_UNAVAILABLE, DEADLINE_EXCEEDED and INTERNAL_ERROR).
-_PERMANENT_CODES = frozenset({"INVALID_STATE", "DATA_LOSS", "NOT_IMPLEMENTED"})
-
-
-def retryable(error: BaseException) -> bool:
-    """Whether ``error`` from an MLflow call means "try again later" rather than "never".
-
-    How MLflow 3.17 reports failures (mlflow/utils/rest_utils.py, mlflow/exceptions.py): an
-    answer with a JSON body raises ``RestException`` with the server's ``error_code``; one
-    without, ``MlflowException`` with the code of its HTTP status; a refused connection, a
-    timeout, or 5xx answers still failing after urllib3's retries are wrapped as
-    ``MlflowException`` with INTERNAL_ERROR (HTTP 500). ``get_http_status_code()`` maps the
-    code back to a status. A sqlite store's "database is locked" is TEMPORARILY_UNAVAILABLE
-    (mlflow/store/db/utils.py). Artifact uploads to an ``mlflow-artifacts`` server raise
-    ``requests`` errors; to a file store, ``OSError``.
-    """
-    if isinstance(error, Rejected):
-        return False
-    import requests
-    from mlflow.exceptions import MlflowException
-    if isinstance(error, MlflowException):
-        status = error.get_http_status_code()
-        return (status >= 500 or status == 429) and error.error_code not in _PERMANENT_CODES
-    if isinstance(error, requests.HTTPError) and error.response is not None:
-        status = error.response.status_code
-        return status >= 500 or status in (408, 429)
-    if isinstance(error, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        return True
-    try:                                    # a database store that is down or locked
-        from sqlalchemy.exc import OperationalError
-        if isinstance(error, OperationalError):
-            return True
-    except ImportError:
-        pass
-    # a full artifact file system frees up; a missing or unreadable file stays so
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Spool:

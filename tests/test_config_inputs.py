@@ -44,11 +44,17 @@ def test_a_control_character_in_a_config_file_names_the_key_and_file(tmp_path, t
         load_config("mae", files=[str(f)])
 
 
-def test_a_control_character_in_a_resumed_config_names_the_file(tmp_path):
+@pytest.mark.parametrize("old, new, error", [
+    ("partition: ''", 'partition: "gpu\\n#SBATCH --x"', r"^cluster\.partition: .*control character"),
+    ("max_steps: 0", "max_steps: -5", r"^train\.max_steps: -5 must be in"),
+])
+def test_a_resumed_config_is_checked_as_a_new_one_naming_the_file(tmp_path, old, new, error):
+    """A run's saved config.yaml (read again by every job and by --resume) passes the same
+    checks as --set: a control character, a value out of range."""
     path = tmp_path / "config.yaml"
     save_config(load_config("mae", "smoke"), path)
-    path.write_text(path.read_text().replace("partition: ''", "partition: \"gpu\\n#SBATCH --x\""))
-    with pytest.raises(ConfigError, match=rf"^cluster\.partition: .*\({path}\)"):
+    path.write_text(path.read_text().replace(old, new))
+    with pytest.raises(ConfigError, match=rf"{error}.*\({path}\)"):
         read_config(path)
 
 

@@ -406,7 +406,8 @@ def test_an_unreachable_controller_is_a_note_on_a_dry_run_and_an_error_on_a_subm
     started = time.monotonic()
     code, out, err = run_main(capsys, "--method", "mae", "--cluster", "slurm", "--dry-run",
                               "--set", f"runs_root={runs}")
-    assert code == 0 and "#SBATCH" in out and time.monotonic() - started < 4, err
+    # bounded by the 1 s wait, not scontrol's ~9 s of retries (7 s: room for a loaded machine)
+    assert code == 0 and "#SBATCH" in out and time.monotonic() - started < 7, err
     assert ("note: the partition's limits were not checked: the SLURM controller did not answer "
             "(scontrol did not answer within 1 s)") in err
     # the same controller, but scontrol gives up at once (MessageTimeout=1): its own words

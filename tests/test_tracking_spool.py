@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from hpc_mim import tracking
 from hpc_mim.distributed.env import free_port
 from hpc_mim.rundir import RunDir
-from hpc_mim.tracking_spool import Rejected, Spool, retryable
+from hpc_mim.tracking import retryable
+from hpc_mim.tracking_spool import Rejected, Spool
 from jobs import sync
 
 
