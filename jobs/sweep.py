@@ -1,6 +1,6 @@
 """A sweep: every cell (method x grid point x seed) enumerated up front, each with a stable id.
 
-A sweep file (``--sweep FILE``; every key optional but ``methods``):
+A sweep file (``--sweep FILE``; every key optional but ``methods`` or ``claims``):
 
     name: compare                       # default sweep-<timestamp>
     methods: [mae, noised_mim, latent_mim, lut, umd]
@@ -9,15 +9,18 @@ A sweep file (``--sweep FILE``; every key optional but ``methods``):
     config: []                          # more YAML files
     set: [train.epochs=8]               # overrides of every cell
     grid: {method.noised_mim.noise_block: [0, 2, 4]}   # swept overrides (cartesian product)
+    claims: configs/claims.yaml         # instead of methods: every arm some claim compares
 
 or the same on the command line: ``--method mae,lut --seeds 0,1 --set k=v1,v2`` (a value with a
 top-level comma is swept; ``[5, 20]`` stays one list value). A cell's id is its method, its grid
-values and its seed (``noised_mim-noise_block2-seed0``); it names the cell's run directory
-``<runs_root>/<sweep>/<cell>`` and its MLflow run. A YAML syntax error in the sweep file or a
-swept value, a seed that is not an integer, or a control character in a swept ``--set`` is a
-``ConfigError`` naming it (the CLI: ``error: ...``, exit 2). A cell id is one safe folder
-name: a method must be a plain name (``../../x`` in a sweep file is refused, naming the file and
-the value), grid values are reduced to letters, digits and '.', an id has at most 128 characters.
+values and its seed (``noised_mim-noise_block2-seed0``), or with ``claims`` its arm and seed
+(``noised_mim-pixel_noise-seed0``: the arm's method and overrides, hpc_mim/claims.py). It names
+the cell's run directory ``<runs_root>/<sweep>/<cell>`` and its MLflow run. A YAML syntax
+error in the sweep file or a swept value, a seed that is not an integer, or a control character
+in a swept ``--set`` is a ``ConfigError`` naming it (the CLI: ``error: ...``, exit 2). A cell
+id is one safe folder name: a method must be a plain name (``../../x`` in a sweep file is
+refused, naming the file and the value), grid values are reduced to letters, digits and '.', an
+id has at most 128 characters.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from typing import Any
 
 import yaml
 
-from hpc_mim.config import ConfigError
+from hpc_mim.claims import Arm, load_claims
+from hpc_mim.config import CONFIG_DIR, ConfigError
 from hpc_mim.config_checks import check_text, yaml_error
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")     # a folder name: no '/', no leading '.'
@@ -46,11 +50,20 @@ class SweepSpec:
     config: list[str] = field(default_factory=list)
     set: list[str] = field(default_factory=list)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    claims: str | None = None          # a claims file: its arms are the cells (without methods)
+    arms: list[Arm] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.name = self.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.name):
             raise ConfigError(f"sweep name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        if self.claims:
+            if self.methods:
+                raise ConfigError("sweep: give methods or claims, not both (a claims file's arms "
+                                  "name their methods)")
+            self.claims = str(claims_path(self.claims))
+            self.arms = load_claims(self.claims).used_arms()
+            self.methods = list(dict.fromkeys(a.method for a in self.arms))
         if not self.methods:
             raise ConfigError("sweep: give at least one method (methods: [...] or --method a,b)")
         for method in self.methods:      # it starts each cell id, a folder name
@@ -65,6 +78,15 @@ class SweepSpec:
                 raise ConfigError(f"sweep seeds: {seed!r} is not a seed (an integer in [0, 2**32 - 1])")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"sweep seeds {self.seeds} repeat a seed")
+
+
+def claims_path(text: str) -> Path:
+    """A claims file as given, or relative to the repository (``configs/claims.yaml`` from any
+    working directory)."""
+    path = Path(text)
+    if path.is_file() or path.is_absolute():
+        return path.resolve()
+    return (CONFIG_DIR.parent / path).resolve()
 
 
 @dataclass
@@ -93,11 +115,11 @@ def load_sweep_file(path: str | Path, name: str = "", preset: str | None = None,
         raise ConfigError(f"--sweep {path}: cannot be read as UTF-8 text ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping of {[f.name for f in fields(SweepSpec)]}")
-    known = {f.name for f in fields(SweepSpec)}
+    known = {f.name for f in fields(SweepSpec) if f.init}
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}; a sweep file has {sorted(known)}")
-        want = {"name": str, "preset": str, "grid": dict}.get(key, list)
+        want = {"name": str, "preset": str, "grid": dict, "claims": str}.get(key, list)
         if value is not None and not isinstance(value, want):
             raise ConfigError(f"{path}: {key} must be a {want.__name__}, got {value!r}")
     data["set"] = [str(s) for s in data.get("set") or []] + list(sets)
@@ -167,17 +189,22 @@ def _label(key: str, value: Any) -> str:
 
 
 def enumerate_cells(spec: SweepSpec) -> list[Cell]:
-    """Every (method, grid point, seed), methods in the given order, then grid, then seed."""
+    """Every (method or claims arm, grid point, seed), in the given order, then grid, then seed."""
     keys = list(spec.grid)
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
     if len(set(leaves)) < len(leaves):     # two swept keys end alike: spell them out
         leaves = [k.replace(".", "_") for k in keys]
+    # (name, method, fixed overrides): a method alone, or a claims arm with its overrides
+    rows = ([(a.name, a.method, dict(s.split("=", 1) for s in a.set)) for a in spec.arms]
+            or [(m, m, {}) for m in spec.methods])
+    order = [(row, values, seed) for row in rows for values in itertools.product(*(spec.grid[k] for k in keys))
+             for seed in spec.seeds]
+    if spec.arms:     # seed-major: a claims sweep stopped part-way has every arm at the same n
+        order.sort(key=lambda item: spec.seeds.index(item[2]))
     cells = []
-    for method in spec.methods:
-        for values in itertools.product(*(spec.grid[k] for k in keys)):
-            for seed in spec.seeds:
-                parts = [method, *(_label(leaf, v) for leaf, v in zip(leaves, values)), f"seed{seed}"]
-                cells.append(Cell("-".join(parts), method, seed, dict(zip(keys, values))))
+    for (name, method, fixed), values, seed in order:
+        parts = [name, *(_label(leaf, v) for leaf, v in zip(leaves, values)), f"seed{seed}"]
+        cells.append(Cell("-".join(parts), method, seed, {**fixed, **dict(zip(keys, values))}))
     ids = [c.id for c in cells]
     for cid in ids:               # methods are checked and labels reduced: this is a last guard
         if not SAFE_NAME.fullmatch(cid) or len(cid) > ID_MAX:

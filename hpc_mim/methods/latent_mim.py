@@ -11,7 +11,9 @@ Reference code: yibingwei-1/LatentMIM. What it computes (shared/methods.md):
 3. Online encoder on the visible patches, then a 3-layer projection head on every token
    (D -> H -> H -> D, LayerNorm, GELU, output norm, no bias).
 4. Target = EMA copy of encoder + head (no gradient) on the target patches only; momentum
-   cosine from 0.99 to 1 over training, updated every optimizer step.
+   cosine from 0.99 to 1 over training, updated every optimizer step. ``target: online`` is
+   the paper's section 3.3 ablation instead: the online encoder + head give the targets, with
+   gradients through both branches (joint optimisation, which the paper finds collapses).
 5. Cross-attention decoder with visual cues (models/cross_decoder.py) predicts the targets; its
    queries are its own learned cls token and the mask token (zero at init), as xvits.py.
 6. Loss: patch discrimination InfoNCE within each image (``patch_discrimination_loss``), plus
@@ -68,7 +70,8 @@ class LatentMIM(MIMMethod):
         self.head = mlp_head(d, o.head_hidden_dim, d, layers=3, norm="ln", act=nn.GELU, out_norm=True)
         self.decoder = CrossAttentionDecoder(self.encoder.grid, d, method_cfg.decoder_dim,
                                              method_cfg.decoder_depth, method_cfg.decoder_heads, d)
-        self.target = EMATeacher(encoder=self.encoder, head=self.head)
+        # the online ablation keeps no copy: nothing to update, save or gather under ZeRO-3
+        self.target = EMATeacher(encoder=self.encoder, head=self.head) if o.target == "ema" else None
         self.gap, self.tau, self.base_momentum = o.gap, o.temperature, o.momentum
         self.sim_weight, self.sim_target = o.sim_reg_weight, tuple(o.sim_target)
         self.num_keep = max(1, round(self.encoder.num_patches * (1 - method_cfg.mask_ratio)))
@@ -91,8 +94,11 @@ class LatentMIM(MIMMethod):
         ids_target = ids[:, self.num_keep:]                                  # (B, T) the hidden ones
         vis = self.head(enc(x, m.ids_keep))                                  # (B, 1+K, D)
         pred = self.decoder(vis, m.ids_keep, ids_target)                     # (B, T, D)
-        with torch.no_grad():
-            target = self.target["head"](self.target["encoder"](x, ids_target))[:, 1:]  # (B, T, D)
+        if self.target is None:          # joint optimisation: gradients through the target too
+            target = self.head(enc(x, ids_target))[:, 1:]                    # (B, T, D)
+        else:
+            with torch.no_grad():
+                target = self.target["head"](self.target["encoder"](x, ids_target))[:, 1:]
         out = {"infonce": patch_discrimination_loss(pred, target, self.tau)}
         loss = out["infonce"]
         if self.sim_weight > 0:
@@ -107,7 +113,8 @@ class LatentMIM(MIMMethod):
     @torch.no_grad()
     def on_optimizer_step(self, progress: float) -> None:
         self.progress.fill_(progress)
-        self.target.update(self.students(), cosine_momentum(self.base_momentum, progress))
+        if self.target is not None:
+            self.target.update(self.students(), cosine_momentum(self.base_momentum, progress))
 
     def ema_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        return self.target.parameters_of(self.students())
+        return self.target.parameters_of(self.students()) if self.target is not None else ([], [])

@@ -70,6 +70,9 @@ class LatentMIMOptions:
     head_hidden_dim: int = 4096         # 3-layer projection head D -> H -> H -> D
     temperature: float = 0.2            # InfoNCE tau
     momentum: float = 0.99              # EMA target encoder, cosine to 1
+    target: str = "ema"                 # ema (paper) | online: the online encoder + head, with
+                                        # gradients (the jointly optimised target of the paper's
+                                        # section 3.3 that collapses; an ablation)
     sim_reg_weight: float = 0.0         # similarity regulariser c (authors' command: 0.1)
     sim_target: list[float] = field(default_factory=lambda: [0.75, 0.25])  # s, cosine start -> end
     RANGES: ClassVar[dict[str, Range]] = {
@@ -83,6 +86,8 @@ class LatentMIMOptions:
         _check(self.head_hidden_dim > 0, "latent_mim.head_hidden_dim", "must be > 0")
         _check(self.temperature > 0, "latent_mim.temperature", "must be > 0")
         _check(0.0 <= self.momentum <= 1.0, "latent_mim.momentum", "must be in [0, 1]")
+        _check(self.target in ("ema", "online"), "latent_mim.target",
+               f"{self.target!r}; choose ema or online")
         _check(len(self.sim_target) == 2, "latent_mim.sim_target", "must be [start, end]")
 
 

@@ -107,3 +107,26 @@ def test_decoder_queries_are_its_own_cls_token_and_a_zero_mask_token():
         cue = torch.softmax(pe_q @ pe_k.T / d ** 0.5, dim=-1) @ v[n, 1:]
         assert torch.allclose(q[n, 1:], cue + pe_q, atol=1e-5)            # + mask token 0
         assert torch.allclose(kv[n, 0], v[n, 0])                          # encoder cls: a key
+
+
+
+def test_online_target_is_the_online_encoder_with_gradients_and_keeps_no_teacher():
+    """``target: online`` (the paper's section 3.3 joint optimisation): the target patches go
+    through the online encoder, and the loss's gradient flows back through that branch too."""
+    cfg = load_config("latent_mim", "smoke", overrides=["method.latent_mim.target=online"])
+    method = build_method(cfg.model, cfg.method)
+    assert method.target is None and method.ema_parameters() == ([], [])
+    outputs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outputs.append((args[1].shape[1], out))
+    method.encoder.register_forward_hook(keep)
+    out = method({"image": torch.randn(2, 3, 35, 35)})
+    k = method.num_keep
+    assert [n for n, _ in outputs] == [k, 49 - k]                # visible, then the target patches
+    out["loss"].backward()
+    target_grad = outputs[1][1].grad
+    assert target_grad is not None and target_grad[:, 1:].abs().sum() > 0
+    method.on_optimizer_step(0.5)                               # no teacher: nothing to update
+    assert float(method.progress) == 0.5
