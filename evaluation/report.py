@@ -2,6 +2,7 @@
 
     python -m evaluation.report --sweep compare --html report.html --md report.md
     python -m evaluation.report --run-dir runs/<a> --run-dir runs/<b> [--baseline mae] [--json out.json]
+    python -m evaluation.report --sweep claims --claims configs/claims.yaml --md runs/claims/report.md
 
 One row per method (and swept values); each evaluation's headline metric as mean ± std over
 seeds, the best per column marked; each method's difference to the baseline (``--baseline``,
@@ -9,8 +10,10 @@ default mae) with a Welch t-test, an exact permutation test and a bootstrap 95% 
 "n too small" where no outcome could reach p < 0.05; the paper's figure, with its source,
 where the config matches a paper setting (configs/papers.yaml: dataset, architecture,
 pre-training epochs and evaluation protocol), and a warning when rows ran different evaluation
-protocols; failed or missing runs; each cell's submission
-history; code version and dataset digests per run, with a warning when they differ; curves
+protocols; with ``--claims FILE``, each claim's verdict on the sweep's arms
+(evaluation/report_claims.py: holds / not shown at this n / contradicted); the pre-trained vs
+random-init gains, with a verdict by the same rule (``--min-effect``); failed or missing runs;
+each cell's submission history; code version and dataset digests per run, with a warning when they differ; curves
 (mean ± std over seeds on a common step grid) and the diagnostics per layer. The markdown goes
 to stdout (and ``--md``); ``--html`` writes one self-contained page. Both are logged as
 artifacts of the sweep's MLflow run (or of each listed run) under ``report/``.
@@ -28,9 +31,12 @@ import sys
 from pathlib import Path
 
 from evaluation import report_figures as figs
+from evaluation.report_claims import judge_claims
 from evaluation.report_data import read_run_dirs, read_sweep
 from evaluation.report_render import html, markdown
 from evaluation.report_tables import build
+from hpc_mim.claims import load_claims
+from hpc_mim.config import ConfigError
 
 
 def figures(report: dict) -> dict:
@@ -64,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rule", action="append", default=[], metavar="COLUMN=last|best",
                     help="e.g. finetune/top1=best: the maximum of its val curve instead of the final value")
     ap.add_argument("--alpha", type=float, default=0.05)
+    ap.add_argument("--claims", type=Path, help="a claims file (configs/claims.yaml): adds the Claims "
+                    "section, each claim's verdict on the sweep's arms")
+    ap.add_argument("--min-effect", type=float, default=1.0, metavar="POINTS",
+                    help="pre-trained vs random init: the smallest gain that counts (default 1 point)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log the report as an artifact")
     args = ap.parse_args(argv)
     if bool(args.sweep) == bool(args.run_dir):
@@ -76,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         rules[column.strip()] = rule
     if not 0 < args.alpha < 1:                       # also refuses nan
         ap.error(f"--alpha {args.alpha}: a significance level in (0, 1)")
+    if not 0 <= args.min_effect < float("inf"):
+        ap.error(f"--min-effect {args.min_effect}: the smallest gain that counts, >= 0 metric points")
+    try:                                             # a bad claims file: before anything is read
+        claims = load_claims(args.claims) if args.claims else None
+    except ConfigError as e:
+        ap.error(f"--claims: {e}")
     for flag in ("html", "md", "json"):
         out = getattr(args, flag)
         if out is not None and (out.is_dir() or not out.parent.is_dir()):
@@ -96,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         tracking = [json.loads((Path(d) / "tracking.json").read_text()) for d in args.run_dir
                     if (Path(d) / "tracking.json").is_file()]
     report = build(results, args.baseline, rules, args.alpha)
+    report["min_effect"] = args.min_effect
+    if claims is not None:
+        report["claims"], report["claims_file"] = judge_claims(claims, results, args.alpha), str(args.claims)
     text = markdown(report, {}, title)
     print(text)
     written = []

@@ -76,6 +76,8 @@ def read_run(run_dir: Path, cell: str, group: str, seed: int | None = None) -> R
     for key in parent.data.metrics:
         if key.startswith("train/") and key != "train/epoch":
             result.curves[key] = history(uri, parent.info.run_id, key)
+        elif key.startswith("val/"):      # pre-training's collapse curves (val/rankme, val/pairwise_cosine)
+            result.curves[f"pretrain/{key}"] = history(uri, parent.info.run_id, key)
     # oldest first: an evaluation re-run on the same run supersedes the earlier one
     for child in sorted(children, key=lambda c: c.info.start_time):
         encoder = child.data.tags.get("baseline", "pretrained")

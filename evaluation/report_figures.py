@@ -25,6 +25,9 @@ MEASURES = {"layer/attn_distance": "mean attention distance (px)", "layer/attn_n
             "layer/pairwise_cosine": "patch-token pairwise cosine", "layer/rankme": "RankMe of pooled tokens"}
 
 
+MARKERS_UP_TO = 30             # curves of at most this many points are drawn with markers
+
+
 def data_uri(fig: plt.Figure) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
@@ -53,10 +56,16 @@ def band(ax: plt.Axes, curves: list[Curve], label: str, color: Any, style: str =
         return
     x, ys = grid
     mean = ys.mean(axis=0)
-    ax.plot(x, mean, style, color=color, label=f"{label} (n={len(ys)})", lw=1.4)
+    # markers where the points are few: a curve logged once (detection's val/* at its last step)
+    # is a single point, which a line alone does not draw
+    marker = "o" if len(x) <= MARKERS_UP_TO else None
+    ax.plot(x, mean, style, color=color, label=f"{label} (n={len(ys)})", lw=1.4, marker=marker, ms=4)
     if len(ys) > 1:
         std = ys.std(axis=0, ddof=1)
-        ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        if len(x) == 1:         # a band of one point has no width: an error bar instead
+            ax.errorbar(x, mean, yerr=std, color=color, capsize=3, lw=1)
+        else:
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
 
 
 def colours(groups: list[str]) -> dict[str, Any]:
@@ -67,7 +76,8 @@ def colours(groups: list[str]) -> dict[str, Any]:
 def curve_figures(rows: list[Any]) -> list[tuple[str, str]]:
     """(title, data URI) per curve key found in any run: train/* then <job>/val/*."""
     keys = sorted({k for row in rows for r in row.cells for k in r.curves},
-                  key=lambda k: (not k.startswith("train/loss"), not k.startswith("train/"), k))
+                  key=lambda k: (not k.startswith("train/loss"), not k.startswith("train/"),
+                                 not k.startswith("pretrain/"), k))
     colour = colours([row.group for row in rows])
     out = []
     for key in keys:
@@ -75,6 +85,7 @@ def curve_figures(rows: list[Any]) -> list[tuple[str, str]]:
         for row in rows:
             band(ax, [r.curves[key] for r in row.cells if key in r.curves], row.group, colour[row.group])
         ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # steps, also around one point
         ax.set_ylabel(key)
         if key == "train/lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))

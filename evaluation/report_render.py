@@ -9,6 +9,8 @@ import html as htmllib
 import time
 from typing import Any
 
+from evaluation.report_claims import NOTES as CLAIM_NOTES
+from evaluation.report_claims import claims_table
 from evaluation.report_stats import mean_std
 from evaluation.report_tables import fmt_diff, fmt_mean, versus_random
 
@@ -47,11 +49,15 @@ def sections(report: dict[str, Any], figures: dict[str, Any]) -> list[tuple[str,
     out.append(("Methods x evaluations", {"header": header, "rows": body, "best": best}))
     out.append(("", ["Rule per column: " + ", ".join(f"{c.key}: {c.rule}" for c in cols)
                      + " (last = the evaluation's final value, as the papers report; best = the "
-                       "maximum of its val curve). Best mean per task column in bold; "
-                       "diagnostics are not ranked."]))
-    if report["baseline"]:
-        diff_rows = [[row.group, *[fmt_diff(row.diffs[c.key], alpha) if c.key in row.diffs else "-"
-                                   for c in cols]] for row in rows if row.diffs]
+                       "maximum of its val curve). "
+                     + ("Best mean per task column in bold; diagnostics are not ranked." if len(rows) > 1
+                        else "One row: nothing to rank.")]))
+    if report.get("claims"):
+        out.append(("Claims", claims_table(report["claims"])))
+        out.append(("", CLAIM_NOTES + [f"Claims file: {report.get('claims_file', '?')}."]))
+    diff_rows = [[row.group, *[fmt_diff(row.diffs[c.key], alpha) if c.key in row.diffs else "-"
+                               for c in cols]] for row in rows if row.diffs]
+    if diff_rows:              # one method, or no baseline row: nothing to compare with
         out.append((f"Difference to {report['baseline']}", {"header": ["method", *[c.key for c in cols]],
                                                             "rows": diff_rows, "best": set()}))
         out.append(("", ["Δ = method − baseline, mean over seeds [bootstrap 95% interval]; Welch's "
@@ -62,13 +68,16 @@ def sections(report: dict[str, Any], figures: dict[str, Any]) -> list[tuple[str,
                 for row in rows for enc in sorted({e for r in row.cells for e in r.metrics}, key=ENCODERS.index)]
     out.append(("Every encoder (pretrained, random_init, pixels baselines)",
                 {"header": ["method", "encoder", *[c.key for c in cols]], "rows": encoders, "best": set()}))
-    versus = versus_random(rows, cols)
+    versus = versus_random(rows, cols, report.get("min_effect", 1.0), alpha)
     if versus:
         out.append(("Pre-trained vs random init at this budget",
                     {"header": ["method", "evaluation", "pre-trained", "random init", "Δ", "verdict"],
                      "rows": versus, "best": set()}))
         sources = sorted({src for row in rows for r in row.cells for src in r.reused.values()})
-        out.append(("", ["Same architecture, seed, protocol and batches; Δ = pre-trained − random init."]
+        out.append(("", ["Same architecture, seed, protocol and batches; Δ = pre-trained − random init. "
+                         f"A verdict needs the 95% Welch interval to exclude 0 and Δ >= "
+                         f"{report.get('min_effect', 1.0):g} (--min-effect, metric points), as the "
+                         "claims' verdicts; one seed cannot tell."]
                     + [f"* random-init figures reused from {src} (same architecture, evaluation "
                        "settings, seed, data and code: evaluation/baseline_cache.py)" for src in sources]))
     missing = [f"{cell}: {key} — {status}" for cell, key, status in report["missing"]]

@@ -84,3 +84,92 @@ def compare(a: list[float], b: list[float], alpha: float = 0.05) -> Difference:
     smallest = min_permutation_p(len(a), len(b))
     return Difference(float(np.mean(b) - np.mean(a)), welch_p(a, b), permutation_p(a, b), low, high,
                       smallest, smallest > alpha)
+
+
+# ---- verdicts: does a claimed difference hold at this n? ---------------------------------------
+HOLDS, NOT_SHOWN, CONTRADICTED = "holds", "not shown at this n", "contradicted"
+N_SEARCH_MAX = 10_000          # seeds per arm searched for n_to_settle
+
+
+@dataclass
+class Verdict:
+    """A claimed effect of ``treatment`` over ``control``, in the claim's direction (``effect``
+    > 0 is the claimed way), judged by its 95% Welch interval against ``min_effect``."""
+    delta: float               # mean(treatment) - mean(control), metric units
+    ci_low: float              # Welch t interval of delta at ``level``
+    ci_high: float
+    welch_p: float
+    perm_p: float
+    n_control: int
+    n_treatment: int
+    verdict: str               # HOLDS | NOT_SHOWN | CONTRADICTED
+    reason: str
+    n_to_settle: int | None    # seeds per arm at which the observed means and spread would settle it
+
+
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Interval of mean(b) - mean(a) from Welch's t (Welch-Satterthwaite degrees of freedom):
+    the one that matches ``welch_p`` (it excludes 0 exactly when p < 1 - level). With 3 seeds
+    a bootstrap interval is far too narrow (it never leaves the observed range); this one is
+    honest about the t distribution's tails. No spread in either group: the point itself."""
+    a_, b_ = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    delta = float(b_.mean() - a_.mean())
+    va, vb = a_.var(ddof=1) / len(a_), b_.var(ddof=1) / len(b_)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return delta, delta
+    df = (va + vb) ** 2 / (va ** 2 / (len(a_) - 1) + vb ** 2 / (len(b_) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return delta - half, delta + half
+
+
+def n_to_settle(effect: float, sd: float, min_effect: float, level: float = 0.95) -> int | None:
+    """The smallest n per arm at which an interval ``effect ± t(2n-2) * sd * sqrt(2/n)`` would
+    settle the claim: exclude 0 when ``effect >= min_effect`` (holds), or exclude ``min_effect``
+    when ``effect < min_effect`` (contradicted). The observed values taken as the truth, with
+    no margin for power: a design with 80% power needs about twice as many. None when no n
+    settles it (an effect of exactly 0 = min_effect) or more than N_SEARCH_MAX would."""
+    margin = effect if effect >= min_effect else min_effect - effect
+    if margin <= 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, N_SEARCH_MAX + 1):
+        if float(stats.t.ppf(0.5 + level / 2, 2 * n - 2)) * sd * math.sqrt(2 / n) < margin:
+            return n
+    return None
+
+
+def judge(control: list[float], treatment: list[float], direction: str = "higher",
+          min_effect: float = 0.0, alpha: float = 0.05) -> Verdict:
+    """The claim "treatment beats control by at least ``min_effect``" at the (1 - alpha)
+    interval: **holds** when the interval excludes 0 on the claimed side and the observed
+    effect is at least ``min_effect``; **contradicted** when the interval lies below
+    ``min_effect`` (no effect that counts, or the opposite one); else **not shown at this n**.
+    With one value in an arm there is no spread to judge by: not shown, n unknown."""
+    delta = float(np.mean(treatment) - np.mean(control))
+    perm = permutation_p(control, treatment)
+    if len(control) < 2 or len(treatment) < 2:
+        return Verdict(delta, math.nan, math.nan, math.nan, perm, len(control), len(treatment),
+                       NOT_SHOWN, "one seed: no spread to judge by (run 3+ seeds)", None)
+    low, high = welch_interval(control, treatment, 1 - alpha)
+    sign = 1.0 if direction == "higher" else -1.0
+    effect, lo, hi = sign * delta, *sorted((sign * low, sign * high))
+    sd = math.sqrt((np.var(control, ddof=1) + np.var(treatment, ddof=1)) / 2)
+    need = n_to_settle(effect, sd, min_effect, 1 - alpha)
+    better = "higher" if direction == "higher" else "lower"
+    if lo > 0 and effect >= min_effect:
+        verdict, reason = HOLDS, f"{better} by {abs(delta):.3g} >= {min_effect:g}, interval excludes 0"
+    elif hi < 0:
+        verdict, reason = CONTRADICTED, "the opposite: the interval is on the other side of 0"
+    elif hi < min_effect:
+        verdict, reason = CONTRADICTED, f"the interval excludes an effect of {min_effect:g} or more"
+    elif effect >= min_effect:
+        verdict, reason = NOT_SHOWN, "the effect counts, but the interval includes 0"
+    elif lo > 0:
+        verdict, reason = NOT_SHOWN, (f"an effect above 0 but below {min_effect:g}; the interval "
+                                      f"includes {min_effect:g}")
+    else:
+        verdict, reason = NOT_SHOWN, f"the interval includes both 0 and {min_effect:g}"
+    return Verdict(delta, low, high, welch_p(control, treatment), perm, len(control), len(treatment),
+                   verdict, reason, None if verdict != NOT_SHOWN else need)

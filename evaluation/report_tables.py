@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from evaluation.report_data import RunResult
-from evaluation.report_stats import Difference, compare, mean_std
+from evaluation.report_stats import CONTRADICTED, HOLDS, NOT_SHOWN, Difference, compare, judge, mean_std
 
 # knn: top1 under eval.knn.protocol dino, loo_top1 under latentmim (a run has one of them)
 HEADLINE = {"knn": ["top1", "loo_top1"], "linear_probe": ["top1"], "fewshot": ["top1"],
@@ -118,7 +118,7 @@ def build(results: list[RunResult], baseline: str = "mae", rules: dict[str, str]
         row.paper = paper_figures(row.cells[0].config, row.method)
     for col in cols:
         means = {g: np.mean(r.values[col.key]) for g, r in rows.items() if col.key in r.values}
-        if col.evaluation in RANKED and means:
+        if col.evaluation in RANKED and len(means) > 1:      # one row is no one's best
             rows[max(means, key=means.get)].best.add(col.key)
     base = rows.get(baseline) or next((r for r in rows.values() if r.method == baseline), None)
     if base is not None:
@@ -139,10 +139,14 @@ def build(results: list[RunResult], baseline: str = "mae", rules: dict[str, str]
             "missing": missing, "provenance": provenance(results), "alpha": alpha}
 
 
-def versus_random(rows: list[Row], cols: list[Column]) -> list[list[str]]:
+def versus_random(rows: list[Row], cols: list[Column], min_effect: float = 1.0,
+                  alpha: float = 0.05) -> list[list[str]]:
     """Per method and task column: does the pre-trained encoder beat the random-init one of the
-    same architecture, seed and protocol at this budget? ``[method, column, pre-trained, random
-    init, difference, verdict]``; a random init reused from another run is marked with ``*``."""
+    same architecture, seed and protocol at this budget, by at least ``min_effect`` (metric
+    units: top-1, mIoU or AP points)? The claims' rule (report_stats.judge): "pre-training
+    helps" only when the 95% interval excludes 0 and the gain is at least ``min_effect``; one
+    seed cannot tell. ``[method, column, pre-trained, random init, difference, verdict]``; a
+    random init reused from another run is marked with ``*``."""
     out = []
     for row in rows:
         for col in cols:
@@ -152,14 +156,16 @@ def versus_random(rows: list[Row], cols: list[Column]) -> list[list[str]]:
             rnd = [v for r in row.cells if (v := r.metrics.get("random_init", {}).get(col.key)) is not None]
             if not pre or not rnd:
                 continue
-            diff = float(np.mean(pre) - np.mean(rnd))
-            verdict = ("pre-training helps" if diff > 0 else
-                       "pre-training does not help (yet)" if diff < 0 else "tie")
+            v = judge(rnd, pre, "higher", min_effect, alpha)
+            verdict = {HOLDS: f"pre-training helps (by >= {min_effect:g})",
+                       CONTRADICTED: f"pre-training does not help by {min_effect:g} or more"}.get(
+                           v.verdict, "cannot tell at this n")
+            if v.verdict == NOT_SHOWN:
+                verdict += (f" ({v.reason})" if v.n_to_settle is None else
+                            f" (about {v.n_to_settle} seeds would settle it)")
             reused = "*" if any(col.job in r.reused for r in row.cells) else ""
-            seeds = "" if len(pre) > 1 else " (one seed)"
-            show = lambda v: fmt_mean(v) if len(v) > 1 else f"{v[0]:.2f}"  # noqa: E731
-            out.append([row.group, col.key, show(pre), show(rnd) + reused,
-                        f"{diff:+.2f}", verdict + seeds])
+            show = lambda v: fmt_mean(v) if len(v) > 1 else f"{v[0]:.2f} (n=1)"  # noqa: E731
+            out.append([row.group, col.key, show(pre), show(rnd) + reused, f"{v.delta:+.2f}", verdict])
     return out
 
 

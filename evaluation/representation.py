@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from hpc_mim.similarity import mean_pairwise_similarity
+# RankMe and the spectrum live beside the similarity: pre-training's collapse curves use them too
+from hpc_mim.similarity import mean_pairwise_similarity, rankme, singular_spectrum  # noqa: F401
 
 
 def patch_distances(grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -79,18 +80,6 @@ def high_freq_log_amplitude(maps: torch.Tensor) -> float:
     diagonal, the highest frequency minus the zero frequency. Larger (less negative): more
     high-frequency content."""
     return high_freq_from_spectrum(log_amplitude_spectrum(maps))
-
-
-def singular_spectrum(features: torch.Tensor) -> torch.Tensor:
-    """Singular values (descending) of the features (N, D), normalised to sum to one."""
-    s = torch.linalg.svdvals(features.double())
-    return s / s.sum().clamp_min(1e-300)
-
-
-def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
-    """Effective rank (Garrido et al.): exp of the entropy of p = sigma / ||sigma||_1 + eps."""
-    p = singular_spectrum(features) + eps
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def pairwise_cosine(tokens: torch.Tensor) -> float:

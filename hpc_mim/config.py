@@ -174,6 +174,9 @@ class TrainConfig:
     zero_bucket_size: int = 25_000_000
     seed: int = 0
     log_every: int = 20                 # optimizer steps between metric points
+    # validation images whose RankMe and pairwise cosine are logged every log_every steps
+    # (val/rankme, val/pairwise_cosine: collapse as a curve; hpc_mim/train/collapse.py); 0 = off
+    collapse_images: int = 256
     max_steps: int = 0                  # 0 = run all epochs; > 0 stops early (smoke tests)
     compile: bool = False               # torch.compile the method's networks (MIMMethod.compiled)
     RANGES: ClassVar[dict[str, Range]] = {
@@ -182,7 +185,7 @@ class TrainConfig:
         "min_lr_ratio": "[0, 1]", "weight_decay": "[0, inf)", "betas": ("[0, 1)", "Adam's decay rates"),
         "clip_grad": ("[0, inf)", "0 = no clipping"), "zero_stage": "[0, 3]",
         "zero_bucket_size": f"[1, {COUNT_MAX}]", "seed": (f"[0, {SEED_MAX}]", "numpy seeds are uint32"),
-        "log_every": f"[1, {COUNT_MAX}]",
+        "log_every": f"[1, {COUNT_MAX}]", "collapse_images": (f"[0, {COUNT_MAX}]", "0 = off"),
         "max_steps": (f"[0, {COUNT_MAX}]", "0 = all epochs; a negative count would train nothing")}
 
     def validate(self) -> None:

@@ -197,8 +197,8 @@ def enumerate_cells(spec: SweepSpec) -> list[Cell]:
     # (name, method, fixed overrides): a method alone, or a claims arm with its overrides
     rows = ([(a.name, a.method, dict(s.split("=", 1) for s in a.set)) for a in spec.arms]
             or [(m, m, {}) for m in spec.methods])
-    order = [(row, values, seed) for row in rows for values in itertools.product(*(spec.grid[k] for k in keys))
-             for seed in spec.seeds]
+    points = list(itertools.product(*(spec.grid[k] for k in keys)))
+    order = [(row, values, seed) for row in rows for values in points for seed in spec.seeds]
     if spec.arms:     # seed-major: a claims sweep stopped part-way has every arm at the same n
         order.sort(key=lambda item: spec.seeds.index(item[2]))
     cells = []

@@ -122,7 +122,8 @@ def create_and_submit(spec: SweepSpec, sweep_dir: Path, cells: dict[str, tuple[A
 
 def spec_summary(spec: SweepSpec) -> dict[str, Any]:
     return {"methods": ",".join(spec.methods), "seeds": ",".join(map(str, spec.seeds)),
-            "preset": spec.preset or "", "set": " ".join(spec.set), "grid": json.dumps(spec.grid)}
+            "preset": spec.preset or "", "set": " ".join(spec.set), "grid": json.dumps(spec.grid),
+            "claims": spec.claims or ""}
 
 
 def format_cells(cells: dict[str, Any], sweep_dir: Path) -> str:

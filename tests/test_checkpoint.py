@@ -93,6 +93,11 @@ def test_pretrain_resumes_from_latest_checkpoint(tmp_path, data_root):
     # metrics continue in the same MLflow run
     history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [2, 4, 6, 8, 10, 12]
+    # the collapse curves (hpc_mim/train/collapse.py): every log_every steps and at each end
+    for key, low, high in (("val/rankme", 1.0, 32.0), ("val/pairwise_cosine", -1.0, 1.0)):
+        points = MlflowClient(uri).get_metric_history(run_id, key)
+        assert sorted(m.step for m in points) == [2, 4, 6, 8, 10, 12], key
+        assert all(low <= m.value <= high for m in points), (key, [m.value for m in points])
 
 
 @pytest.mark.parametrize("stage", [0, 3])

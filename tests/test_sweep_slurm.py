@@ -19,6 +19,14 @@ from conftest import PYTHON, REPO, submit
 # the report (test_pipeline.py runs all five through SLURM); five cost ~75 s more here
 METHODS = ("mae", "lut")
 KILLED = "lut-seed1"                      # the last task of the pre-training array
+CLAIMS = """
+arms: {mae: {method: mae}, lut: {method: lut}}
+claims:
+  - {id: lut.knn, paper: LUT, sentence: more discriminative, treatment: lut, control: mae,
+     metric: knn/top1, direction: higher, min_effect: 1.0}
+  - {id: lut.span, paper: LUT, sentence: wider attention, treatment: lut, control: mae,
+     metric: diagnostics/layer/attn_distance@last, direction: higher, min_effect: 0.5}
+"""
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 
 
@@ -81,8 +89,11 @@ def sweep(tmp_path_factory, slurm_cluster, data_root):
     wait_until(sweep_left_the_queue, "every cell, the resumed one too", 900)
     again = submit("--resume", str(sweep_dir))
     html, md = sweep_dir / "report.html", sweep_dir / "report.md"
+    claims = root / "claims.yaml"           # the two methods as arms: a final metric and a layer's
+    claims.write_text(CLAIMS)
     report = subprocess.run([PYTHON, "-m", "evaluation.report", "--sweep", str(sweep_dir), "--html", str(html),
-                             "--md", str(md)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                             "--md", str(md), "--claims", str(claims)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
     yield {"dir": sweep_dir, "record": record, "arrays": arrays, "shown": shown, "submit": r, "status": status,
            "resume": resume, "again": again, "report": report, "html": html, "md": md}
 
@@ -146,8 +157,13 @@ def test_sweep_arrays_kill_resume_and_report(sweep):
     assert len(at) == 1 and 4 <= int(at[0]) < 16, resumed[-2000:]
     assert re.search(rf"{KILLED}: pre-training started 2 times .*submission 1 \(submit.*\| submission 2 \(resume.*before it: pretrain (CANCELLED|STOPPED), knn NEVER STARTS", md)
     assert "n too small for p < 0.05" in md
+    # the claims, read from MLflow: knn's final top-1 and block 2's attention distance, 2 seeds each
+    claims = [line for line in md.split("## Claims")[1].split("\n## ")[0].splitlines() if line.startswith("| lut.")]
+    assert len(claims) == 2 and all("(n=2)" in line and "no data" not in line for line in claims), claims
+    assert all(re.search(r"\| (holds|not shown at this n|contradicted) \(", line) for line in claims), claims
     html = sweep["html"].read_text()
-    for figure in ("train/loss", "train/lr", "train/img_per_s", "solid: pre-trained", "singular value spectrum",
+    for figure in ("train/loss", "train/lr", "train/img_per_s", "pretrain/val/rankme", "pretrain/val/pairwise_cosine",
+                   "solid: pre-trained", "singular value spectrum",
                    "CKA with the baseline per layer"):
         assert f"alt='{figure}" in html, figure
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", html)       # nothing from the network

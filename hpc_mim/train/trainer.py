@@ -8,7 +8,9 @@ LatentMIM's), then half-cosine to the floor, updated every optimizer step (timm'
 CosineLRScheduler). AdamW without weight decay on 1-D tensors and biases (timm's rule) and on the
 parameters named by ``train.no_weight_decay`` (the authors' lists: LatentMIM's ``embed``, UMD's
 cls and mask tokens). After every optimizer step the method's ``on_optimizer_step`` hook runs
-(EMA teachers), over whole tensors even under ZeRO-3.
+(EMA teachers), over whole tensors even under ZeRO-3. Every ``log_every`` steps RankMe and the
+pairwise cosine of fixed validation images are logged too (``val/rankme``,
+``val/pairwise_cosine``; ``train.collapse_images``, hpc_mim/train/collapse.py).
 
 On a GPU node (read as an 8-node run executes it): each task drives its own GPU
 (``training_device``); ``precision: bf16`` is autocast with fp32 weights, teachers, gradients
@@ -33,6 +35,7 @@ from hpc_mim.methods import build_method
 from hpc_mim.models.vit import save_encoder
 from hpc_mim.rundir import RunDir
 from hpc_mim.tracking import MLflowLogger
+from hpc_mim.train.collapse import collapse_measures
 from hpc_mim.train.loop import Budget, Task, TrainLoop
 from hpc_mim.train.process import join, seed_everything
 
@@ -68,6 +71,23 @@ class PretrainTask(Task):
             num_workers=cfg.data.num_workers, distributed=world_size > 1,
             max_samples=cfg.data.max_train_samples, device=device,
             extra_views=self.model.extra_views)
+        self.collapse_images = self.fixed_val_images(t.collapse_images) if t.collapse_images else None
+
+    def fixed_val_images(self, n: int) -> torch.Tensor:
+        """The first ``n`` validation images (N, C, S, S) at the encoder's size, on the device:
+        the same on every rank and at every log step (hpc_mim/train/collapse.py)."""
+        cfg, info = self.cfg, self.cfg.dataset_info()
+        loader = build_loader(info["val"], min(n, cfg.eval.batch_size), cfg.model.img_size, info["mean"],
+                              info["std"], train=False, eval_crop_ratio=info.get("eval_crop_ratio", 1.0),
+                              num_workers=cfg.data.num_workers, max_samples=n, device=self.device)
+        # clone: FFCV recycles its batch buffers
+        return torch.cat([batch["image"].float().clone() for batch in iterate(loader)])
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Every ``log_every`` steps (the loop's ``eval_every``): the collapse measures."""
+        if self.collapse_images is None:
+            return {}
+        return collapse_measures(model.encoder, self.collapse_images, self.cfg.eval.batch_size)
 
     def micro_batches_per_epoch(self) -> int:
         return len(self.loader)
@@ -109,13 +129,16 @@ class Trainer(TrainLoop):
                         precision=t.precision,
                         zero_stage=t.zero_stage, zero_overlap_comm=t.zero_overlap_comm,
                         zero_bucket_size=t.zero_bucket_size, clip_grad=t.clip_grad, log_every=t.log_every,
+                        eval_every=t.log_every if t.collapse_images else 0,
                         checkpoint_every=cfg.checkpoint.every_steps, keep_last=cfg.checkpoint.keep_last,
                         stall_timeout_min=cfg.cluster.stall_timeout_min)
         super().__init__(task, budget, run.checkpoints, proc, logger, run.pretrain_log)
 
     def fit(self) -> dict[str, float]:
         start = time.time()
-        metrics = super().fit()
+        final = super().fit()        # the collapse measures at the last step, or the train metrics
+        metrics = {**self.last_metrics, **({f"val/{k}": v for k, v in final.items()}
+                                           if final is not self.last_metrics else {})}
         trained = time.time()
         self.export()
         if self.env.is_main:

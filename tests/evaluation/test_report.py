@@ -7,7 +7,7 @@ import pytest
 
 from evaluation.report_data import RunResult
 from evaluation.report_render import html, markdown
-from evaluation.report_tables import build
+from evaluation.report_tables import build, versus_random
 
 VIT_B_IMAGENET = {"data.dataset": "imagenet", "model.embed_dim": "768", "model.depth": "12",
                   "model.patch_size": "16"}
@@ -140,7 +140,9 @@ def test_html_is_self_contained():
     assert "<style>" in page and "data-rendered" in page
 
 
-def test_pretrained_vs_random_init_says_which_rows_favour_pre_training_and_marks_reuse():
+def test_pretrained_vs_random_init_gives_a_verdict_only_when_the_seeds_allow_one():
+    """One seed cannot tell (the demo's +0.14 probe points were called "pre-training helps");
+    with 3 seeds the claims' rule: the 95% Welch interval excludes 0 and the gain is >= 1."""
     r = result("mae", 0, 72.0)
     r.jobs["segmentation"] = "segmentation"
     r.metrics = {"pretrained": {"knn/top1": 72.0, "segmentation/miou": 20.0},
@@ -148,6 +150,57 @@ def test_pretrained_vs_random_init_says_which_rows_favour_pre_training_and_marks
     r.reused = {"knn": "/runs/demo-a (MLflow run 123)"}
     md = markdown(build([r]), {}, "t")
     assert "## Pre-trained vs random init at this budget" in md
-    assert "| mae | knn/top1 | 72.00 | 64.50* | +7.50 | pre-training helps (one seed) |" in md
-    assert "| mae | segmentation/miou | 20.00 | 22.50 | -2.50 | pre-training does not help (yet) (one seed) |" in md
+    assert ("| mae | knn/top1 | 72.00 (n=1) | 64.50 (n=1)* | +7.50 | cannot tell at this n (one seed: "
+            "no spread to judge by (run 3+ seeds)) |") in md
+    assert "| mae | segmentation/miou | 20.00 (n=1) | 22.50 (n=1) | -2.50 | cannot tell at this n" in md
+    assert "helps" not in md.split("## Pre-trained vs random init")[1].split("##")[0].replace(
+        "\"pre-training helps\"", "")
     assert "* random-init figures reused from /runs/demo-a (MLflow run 123)" in md
+    runs = []
+    for seed, (pre, rnd, seg_pre, seg_rnd) in enumerate([(72, 64, 20.1, 20.0), (73, 65, 20.3, 20.1),
+                                                         (74, 66, 20.2, 20.2)]):
+        x = result("mae", seed, pre)
+        x.jobs["segmentation"] = "segmentation"
+        x.metrics = {"pretrained": {"knn/top1": pre, "segmentation/miou": seg_pre},
+                     "random_init": {"knn/top1": rnd, "segmentation/miou": seg_rnd}}
+        runs.append(x)
+    rows = {(row[0], row[1]): row for row in versus_random(build(runs)["rows"], build(runs)["columns"])}
+    # knn: +8 +- 1 and 1: interval [5.73, 10.27] (t(4) = 2.776, se 0.816)
+    assert rows[("mae", "knn/top1")][4:] == ["+8.00", "pre-training helps (by >= 1)"]
+    # miou: +0.1, sd 0.1 each: interval [-0.13, 0.33] lies below 1
+    assert rows[("mae", "segmentation/miou")][4:] == ["+0.10", "pre-training does not help by 1 or more"]
+    # at min_effect 0.05 the +0.1 counts, but its interval includes 0: t(2n-2) 0.1 sqrt(2/n) < 0.1
+    # first at n = 9 (t(16) = 2.120 x 0.471 = 0.999; n = 8: t(14) = 2.145 x 0.5 = 1.07)
+    assert versus_random(build(runs)["rows"], build(runs)["columns"], min_effect=0.05)[1][5] == \
+        "cannot tell at this n (about 9 seeds would settle it)"
+
+
+def test_one_method_has_no_best_cells_and_no_difference_table():
+    runs = [result("mae", s, 70.0 + s) for s in (0, 1)]
+    report = build(runs)
+    assert not report["rows"][0].best
+    md = markdown(report, {}, "t")
+    assert "## Difference to" not in md and "**" not in md and "One row: nothing to rank." in md
+    assert "★" not in html(report, {}, "t")
+
+
+def test_a_curve_of_one_point_is_drawn_with_a_marker_and_its_spread_as_an_error_bar():
+    """The demo's detection val/* is logged once (at its last step): a line of one point drew
+    empty axes."""
+    import matplotlib.pyplot as plt
+
+    from evaluation.report_figures import band
+    fig, ax = plt.subplots()
+    band(ax, [(np.array([40.0]), np.array([12.0])), (np.array([40.0]), np.array([14.0]))], "mae", "C0")
+    (line,) = ax.lines[:1]
+    assert line.get_marker() == "o" and list(line.get_xydata()[0]) == [40.0, 13.0]
+    caps = [c for c in ax.containers]                      # the error bar: mean +- std over seeds
+    assert len(caps) == 1
+    segment = caps[0].lines[2][0].get_segments()[0]
+    assert np.allclose(segment, [[40.0, 13.0 - np.sqrt(2)], [40.0, 13.0 + np.sqrt(2)]])
+    long = [(np.arange(100.0), np.arange(100.0))]
+    fig2, ax2 = plt.subplots()
+    band(ax2, long, "mae", "C0")
+    assert ax2.lines[0].get_marker() in (None, "None", "")  # a dense curve stays a plain line
+    plt.close(fig)
+    plt.close(fig2)

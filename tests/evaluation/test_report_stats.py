@@ -48,3 +48,57 @@ def test_bootstrap_interval_brackets_the_difference_and_repeats():
     assert low < np.mean(b) - np.mean(a) < high
     assert bootstrap_ci(a, b) == (low, high)                       # seeded
     assert low >= min(b) - max(a) and high <= max(b) - min(a)
+
+
+# ---- verdicts (judge), each case worked out by hand --------------------------------------------
+from scipy import stats  # noqa: E402
+
+from evaluation.report_stats import (CONTRADICTED, HOLDS, NOT_SHOWN, judge, n_to_settle,  # noqa: E402
+                                     welch_interval)
+
+
+def test_welch_interval_is_scipys_and_matches_its_p():
+    a, b = [70.0, 71.5, 72.0, 69.0], [74.0, 75.0, 77.5]
+    want = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert welch_interval(a, b) == pytest.approx((want.low, want.high))
+    # 3 vs 3, sd 1 each: se = sqrt(2/3) = 0.8165, df 4, t = 2.7764 -> 4 +- 2.2670
+    assert welch_interval([70.0, 71.0, 72.0], [74.0, 75.0, 76.0]) == pytest.approx((1.7330, 6.2670), abs=1e-4)
+    assert welch_interval([1.0, 1.0], [3.0, 3.0]) == (2.0, 2.0)         # no spread: the point
+
+
+@pytest.mark.parametrize("control, treatment, direction, min_effect, verdict, need", [
+    # +4, interval [1.73, 6.27]: excludes 0, 4 >= 1
+    ([70.0, 71.0, 72.0], [74.0, 75.0, 76.0], "higher", 1.0, HOLDS, None),
+    # +4 but the claim counts from 5: the interval excludes 0 yet includes 5 -> not shown; to
+    # settle it the interval must exclude 5 (margin 1, sd 1): t(2n-2) sqrt(2/n) < 1 first at n = 9
+    # (t(16) = 2.120 x 0.471 = 0.999; n = 8: t(14) = 2.145 x 0.5 = 1.07)
+    ([70.0, 71.0, 72.0], [74.0, 75.0, 76.0], "higher", 5.0, NOT_SHOWN, 9),
+    # +0.5, interval [-1.77, 2.77] holds 0 and 1: not shown; margin 0.5: t(62) x 0.25 = 0.49975
+    # < 0.5 at n = 32, t(60) x 0.254 = 0.508 at n = 31
+    ([70.0, 71.0, 72.0], [70.5, 71.5, 72.5], "higher", 1.0, NOT_SHOWN, 32),
+    # -5, interval [-7.27, -2.73]: the opposite of the claim
+    ([70.0, 71.0, 72.0], [65.0, 66.0, 67.0], "higher", 1.0, CONTRADICTED, None),
+    # +0.3, sd 0.1: interval [0.073, 0.527] excludes 0 but lies below 1: no effect that counts
+    ([70.0, 70.1, 70.2], [70.3, 70.4, 70.5], "higher", 1.0, CONTRADICTED, None),
+    # lower is better: cosine 0.91 -> 0.31, by 0.6 >= 0.05
+    ([0.90, 0.91, 0.92], [0.30, 0.31, 0.32], "lower", 0.05, HOLDS, None),
+    # lower is better but it rose
+    ([0.30, 0.31, 0.32], [0.90, 0.91, 0.92], "lower", 0.05, CONTRADICTED, None),
+])
+def test_verdicts_by_hand(control, treatment, direction, min_effect, verdict, need):
+    v = judge(control, treatment, direction, min_effect)
+    assert (v.verdict, v.n_to_settle) == (verdict, need)
+    assert v.delta == pytest.approx(np.mean(treatment) - np.mean(control))
+    assert (v.n_control, v.n_treatment) == (len(control), len(treatment))
+
+
+def test_one_seed_cannot_tell_whatever_the_difference():
+    v = judge([60.0], [80.0], "higher", 1.0)
+    assert v.verdict == NOT_SHOWN and v.n_to_settle is None and "one seed" in v.reason
+    assert math.isnan(v.ci_low) and v.delta == 20.0
+
+
+def test_n_to_settle_edges():
+    assert n_to_settle(0.0, 1.0, 0.0) is None           # no margin ever
+    assert n_to_settle(2.0, 0.0, 1.0) == 2              # no spread: two seeds settle it
+    assert n_to_settle(1e-6, 1.0, 0.0) is None          # beyond N_SEARCH_MAX
