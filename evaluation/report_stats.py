@@ -123,19 +123,31 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple
     return delta - half, delta + half
 
 
-def n_to_settle(effect: float, sd: float, min_effect: float, level: float = 0.95) -> int | None:
-    """The smallest n per arm at which an interval ``effect ± t(2n-2) * sd * sqrt(2/n)`` would
-    settle the claim: exclude 0 when ``effect >= min_effect`` (holds), or exclude ``min_effect``
-    when ``effect < min_effect`` (contradicted). The observed values taken as the truth, with
-    no margin for power: a design with 80% power needs about twice as many. None when no n
-    settles it (an effect of exactly 0 = min_effect) or more than N_SEARCH_MAX would."""
+def half_width(var_a: float, var_b: float, n: int, level: float = 0.95) -> float:
+    """Half-width of the Welch interval with ``n`` seeds in each arm whose values have sample
+    variances ``var_a`` and ``var_b``: t(df) * sqrt((var_a + var_b) / n), Welch-Satterthwaite
+    df = (var_a + var_b)^2 (n - 1) / (var_a^2 + var_b^2) (2n - 2 for equal variances). At the
+    observed n it is exactly ``welch_interval``'s."""
+    spread = var_a + var_b
+    df = spread ** 2 * (n - 1) / (var_a ** 2 + var_b ** 2)
+    return float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(spread / n)
+
+
+def n_to_settle(effect: float, var_a: float, var_b: float, min_effect: float,
+                level: float = 0.95) -> int | None:
+    """The smallest n per arm at which the Welch interval ``effect ± half_width(n)`` would
+    settle the claim: exclude 0 when ``effect >= min_effect`` (holds), or exclude
+    ``min_effect`` when ``effect < min_effect`` (contradicted). The observed means and
+    variances taken as the truth, with no margin for power: a design with 80% power needs about
+    twice as many. None when no n settles it (an effect of exactly 0 = min_effect) or more than
+    N_SEARCH_MAX would."""
     margin = effect if effect >= min_effect else min_effect - effect
     if margin <= 0:
         return None
-    if sd == 0:
+    if var_a + var_b == 0:
         return 2
     for n in range(2, N_SEARCH_MAX + 1):
-        if float(stats.t.ppf(0.5 + level / 2, 2 * n - 2)) * sd * math.sqrt(2 / n) < margin:
+        if half_width(var_a, var_b, n, level) < margin:
             return n
     return None
 
@@ -155,8 +167,8 @@ def judge(control: list[float], treatment: list[float], direction: str = "higher
     low, high = welch_interval(control, treatment, 1 - alpha)
     sign = 1.0 if direction == "higher" else -1.0
     effect, lo, hi = sign * delta, *sorted((sign * low, sign * high))
-    sd = math.sqrt((np.var(control, ddof=1) + np.var(treatment, ddof=1)) / 2)
-    need = n_to_settle(effect, sd, min_effect, 1 - alpha)
+    need = n_to_settle(effect, float(np.var(control, ddof=1)), float(np.var(treatment, ddof=1)),
+                       min_effect, 1 - alpha)
     better = "higher" if direction == "higher" else "lower"
     if lo > 0 and effect >= min_effect:
         verdict, reason = HOLDS, f"{better} by {abs(delta):.3g} >= {min_effect:g}, interval excludes 0"

@@ -53,8 +53,8 @@ def test_bootstrap_interval_brackets_the_difference_and_repeats():
 # ---- verdicts (judge), each case worked out by hand --------------------------------------------
 from scipy import stats  # noqa: E402
 
-from evaluation.report_stats import (CONTRADICTED, HOLDS, NOT_SHOWN, judge, n_to_settle,  # noqa: E402
-                                     welch_interval)
+from evaluation.report_stats import (CONTRADICTED, HOLDS, NOT_SHOWN, half_width, judge,  # noqa: E402
+                                     n_to_settle, welch_interval)
 
 
 def test_welch_interval_is_scipys_and_matches_its_p():
@@ -99,6 +99,24 @@ def test_one_seed_cannot_tell_whatever_the_difference():
 
 
 def test_n_to_settle_edges():
-    assert n_to_settle(0.0, 1.0, 0.0) is None           # no margin ever
-    assert n_to_settle(2.0, 0.0, 1.0) == 2              # no spread: two seeds settle it
-    assert n_to_settle(1e-6, 1.0, 0.0) is None          # beyond N_SEARCH_MAX
+    assert n_to_settle(0.0, 1.0, 1.0, 0.0) is None      # no margin ever
+    assert n_to_settle(2.0, 0.0, 0.0, 1.0) == 2         # no spread: two seeds settle it
+    assert n_to_settle(1e-6, 1.0, 1.0, 0.0) is None     # beyond N_SEARCH_MAX
+
+
+def test_the_settling_interval_at_the_observed_n_is_the_welch_interval():
+    """Unequal spreads (the claims run's LUT attention distance: sd 0.06 vs 0.13): with the
+    pooled 2n - 2 degrees of freedom the search said 3 seeds settle it while the 3 seeds' own
+    interval did not. Welch's df at every n: at the observed n it is the observed interval, so
+    an unsettled claim always asks for more seeds than it has."""
+    control, treatment = [14.30, 14.40, 14.56], [14.62, 14.68, 14.73]
+    low, high = welch_interval(control, treatment)
+    va, vb = np.var(control, ddof=1), np.var(treatment, ddof=1)
+    assert half_width(va, vb, 3) == pytest.approx((high - low) / 2)
+    v = judge(control, treatment, "higher", 0.5)
+    assert v.verdict == NOT_SHOWN and v.n_to_settle > 3
+    rng = np.random.default_rng(0)
+    for _ in range(200):                    # any unsettled 3 vs 3 asks for more than 3
+        c, t = rng.normal(0, rng.uniform(0.1, 2), 3), rng.normal(rng.uniform(-2, 2), rng.uniform(0.1, 2), 3)
+        v = judge(list(c), list(t), "higher", 1.0)
+        assert v.verdict != NOT_SHOWN or v.n_to_settle is None or v.n_to_settle > 3
