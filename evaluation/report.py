@@ -13,10 +13,10 @@ pre-training epochs and evaluation protocol), and a warning when rows ran differ
 protocols; with ``--claims FILE``, each claim's verdict on the sweep's arms
 (evaluation/report_claims.py: holds / not shown at this n / contradicted); the pre-trained vs
 random-init gains, with a verdict by the same rule (``--min-effect``); failed or missing runs;
-each cell's submission history; code version and dataset digests per run, with a warning when they differ; curves
-(mean ± std over seeds on a common step grid) and the diagnostics per layer. The markdown goes
-to stdout (and ``--md``); ``--html`` writes one self-contained page. Both are logged as
-artifacts of the sweep's MLflow run (or of each listed run) under ``report/``.
+each cell's submission history; code version and dataset digests per run, with a warning when
+they differ; curves (mean ± std over seeds on a common step grid) and the diagnostics per layer.
+The markdown goes to stdout (and ``--md``); ``--html`` writes one self-contained page. Both are
+logged as artifacts of the sweep's MLflow run (or of each listed run) under ``report/``.
 
 Arguments are checked before anything is read or written (usage error, exit 2): each ``--rule``
 is ``COLUMN=last|best``, and the folder of each output file (``--html``, ``--md``, ``--json``)

@@ -164,7 +164,7 @@ def versus_random(rows: list[Row], cols: list[Column], min_effect: float = 1.0,
                 verdict += (f" ({v.reason})" if v.n_to_settle is None else
                             f" (about {v.n_to_settle} seeds would settle it)")
             reused = "*" if any(col.job in r.reused for r in row.cells) else ""
-            show = lambda v: fmt_mean(v) if len(v) > 1 else f"{v[0]:.2f} (n=1)"  # noqa: E731
+            show = lambda values: fmt_mean(values) if len(values) > 1 else f"{values[0]:.2f} (n=1)"  # noqa: E731
             out.append([row.group, col.key, show(pre), show(rnd) + reused, f"{v.delta:+.2f}", verdict])
     return out
 

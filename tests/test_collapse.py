@@ -53,3 +53,15 @@ def test_a_compiled_encoder_is_measured_eagerly_without_compiling_anything():
     for _ in range(3):
         assert collapse_measures(encoder, images, batch_size=8) == pytest.approx(eager)
     assert counters["stats"]["calls_captured"] == 0 and not counters["frames"], dict(counters)
+
+
+def test_a_diverged_encoder_reads_nan_instead_of_ending_the_job():
+    """train.blr=1e30 (tests/test_pipeline.py's NaN run): at the log step before the loss turns
+    non-finite the features already overflow; the SVD raised and the job ended with the wrong
+    error, before the loop's NaN check could name the step."""
+    cfg = load_config("mae", "smoke")
+    encoder = build_method(cfg.model, cfg.method).encoder
+    with torch.no_grad():
+        encoder.patch_embed.proj.weight.fill_(float("inf"))
+    got = collapse_measures(encoder, torch.randn(8, 3, 28, 28), batch_size=8)
+    assert got["rankme"] != got["rankme"] and got["pairwise_cosine"] != got["pairwise_cosine"]  # nan

@@ -43,5 +43,10 @@ def collapse_measures(encoder: nn.Module, images: torch.Tensor, batch_size: int)
     p = encoder.num_prefix
     cos = sum(mean_pairwise_similarity(pre[:, p:], torch.float64) * pre.shape[0] for pre, _ in seen)
     pooled = torch.cat([post[:, p:].double().mean(dim=1) for _, post in seen])  # (N, D)
-    rank, cosine = torch.stack([effective_rank(pooled), cos / images.shape[0]]).tolist()  # one read
+    # a diverging run (an absurd lr) has inf/nan features before its loss is caught: the SVD
+    # would raise and end the job with the wrong error, so such features read nan, on the device
+    finite = torch.isfinite(pooled).all()
+    rank = effective_rank(torch.where(finite, pooled, torch.zeros_like(pooled)))
+    rank = torch.where(finite, rank, torch.full_like(rank, float("nan")))
+    rank, cosine = torch.stack([rank, cos / images.shape[0]]).tolist()           # one read
     return {"rankme": rank, "pairwise_cosine": cosine}

@@ -86,9 +86,10 @@ def test_umd_trains_on_the_authors_crops_pixels_and_learned_positions(data_root,
     real = trainer.build_loader
     monkeypatch.setattr(trainer, "build_loader", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
     task = task_for("umd", data_root)
-    (args, kwargs), = calls
+    (args, kwargs), (val_args, val_kwargs) = calls        # the training split; the collapse images
     assert list(kwargs["crop_scale"]) == [0.8, 1.0]
     assert args[3] == [0.5] * 3 and args[4] == [0.5] * 3                 # (x / 255 - 0.5) / 0.5
+    assert val_kwargs["train"] is False and val_args[3] == [0.5] * 3 and val_args[4] == [0.5] * 3
     seen = []
     task.model.encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
     batch = next(iter(task.batches(0, 0)))
