@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hpc_mim.config import Config  # noqa: E402
+from hpc_mim.config import ClusterConfig, Config  # noqa: E402
 from hpc_mim.methods import REGISTRY  # noqa: E402
 
 STAGES = ("pretrain", "knn", "linear_probe", "finetune", "segmentation", "detection")
@@ -156,6 +156,14 @@ def saved_bytes(forward: Callable[[], Any], module: torch.nn.Module) -> int:
     return sum(storages.values())
 
 
+def paper_cluster(cfg: Config) -> ClusterConfig:
+    """The paper recipe's pre-training cluster: its global batch over its per-GPU micro batch,
+    without accumulation (MAE: 4096 / 64 = 64 GPUs = 8 nodes x 8), 8 GPUs a node."""
+    gpus = max(1, cfg.train.batch_size // cfg.train.micro_batch_size)
+    per_node = 8 if gpus % 8 == 0 else gpus
+    return ClusterConfig(nodes=gpus // per_node, tasks_per_node=per_node, gpus_per_node=per_node)
+
+
 def stage_model(stage: str, cfg: Config, run: Path) -> tuple[torch.nn.Module, Callable[[int], Any], int, bool]:
     """(model, forward(batch) returning a scalar, the paper's per-GPU batch, bf16 autocast);
     ``cfg``: the paper config (no CPU overrides), ``run``: where the exported encoder is."""
@@ -171,8 +179,9 @@ def stage_model(stage: str, cfg: Config, run: Path) -> tuple[torch.nn.Module, Ca
     if stage == "finetune":
         from evaluation.finetune import Classifier
         model, size = Classifier(encoder, 1000, e.finetune.pooling), encoder.config["img_size"]
+        nodes, tasks, _, _ = e.finetune.resources(paper_cluster(cfg))   # nodes 0: as pre-training
         return (model, lambda b: model(torch.randn(b, 3, size, size)).float().mean(),
-                e.finetune.micro_batch_size, e.finetune.precision == "bf16")
+                e.finetune.micro_batch(nodes * tasks), e.finetune.precision == "bf16")
     if stage == "segmentation":
         from evaluation.dense_heads import default_blocks
         from evaluation.segmentation import Segmenter

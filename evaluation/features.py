@@ -55,15 +55,40 @@ def extract_features(encoders: dict[str, torch.nn.Module | None], path: str, cfg
             encoder.to(device).eval()
     feats: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
     labels = []
-    for batch in iterate(loader):
+    progress = Progress(f"features {Path(path).name}", len(loader), world) if rank == 0 else None
+    for i, batch in enumerate(iterate(loader)):
         x = batch["image"].to(device)
         for name, encoder in encoders.items():
             f = x.flatten(1) if encoder is None else encoder.pooled(x, pooling, final_norm)
             # clone: FFCV recycles its batch buffers, so a kept view would be overwritten
             feats[name].append(f.float().clone())
         labels.append(batch["label"].to(device).clone())
+        if progress:
+            progress.update(i + 1, len(x))
     y = gather_shards(torch.cat(labels), world)
     return {name: (gather_shards(torch.cat(f), world), y) for name, f in feats.items()}
+
+
+class Progress:
+    """Rank 0's ``[eval] <what>: i/N batches ... eta`` line every ``every_s`` seconds while
+    features are extracted (the job's log; ``make demo`` shows it, jobs/follow.py). Only the
+    host clock is read: no device sync."""
+
+    def __init__(self, what: str, batches: int, world: int, every_s: float = 15.0) -> None:
+        self.what, self.batches, self.world, self.every_s = what, batches, world, every_s
+        self.start = self.shown = time.monotonic()
+        self.images = 0
+
+    def update(self, done: int, images: int) -> None:
+        self.images += images * self.world          # every rank reads a batch of the same size
+        now = time.monotonic()
+        if now - self.shown < self.every_s or done >= self.batches:
+            return
+        self.shown = now
+        rate = self.images / (now - self.start)
+        eta = (self.batches - done) * (now - self.start) / done / 60
+        print(f"[eval] {self.what}: {done}/{self.batches} batches, {rate:.0f} img/s eta {eta:.1f} min",
+              flush=True)
 
 
 def gather_shards(local: torch.Tensor, world: int) -> torch.Tensor:

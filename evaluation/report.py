@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag} {out}: " + (f"{out} is a folder; give a file name" if out.is_dir()
                                             else f"the folder {out.parent} does not exist"))
     if args.sweep:
-        from jobs.sweep_arrays import find_sweep
+        from hpc_mim.rundir import find_sweep
         try:
             sweep_dir = find_sweep(args.sweep)
         except FileNotFoundError as e:

@@ -73,13 +73,17 @@ class Resources:
         world = nodes * tasks
         if not isinstance(self, Trained):     # the probe rounds its batch to the world size
             return world
-        batch = self.batch_size
-        micro = getattr(self, "micro_batch_size", 0) or max(1, batch // world)
+        batch, micro = self.batch_size, self.micro_batch(world)
         _check(batch % (micro * world) == 0 and micro > 0, f"{key}.batch_size",
                f"{batch} does not divide over {nodes} node(s) x {tasks} task(s)"
                + (f" x micro batch {micro}" if getattr(self, "micro_batch_size", 0) else "")
                + f"; set eval.{key}.batch_size, .nodes or .tasks_per_node")
         return world
+
+    def micro_batch(self, world: int) -> int:
+        """Images per process and step on ``world`` processes: ``micro_batch_size`` where the
+        job has one, else the batch spread over the processes (the rest is accumulation)."""
+        return getattr(self, "micro_batch_size", 0) or max(1, self.batch_size // world)
 
 
 @dataclass

@@ -5,6 +5,7 @@
       tracking.json      MLflow tracking URI, experiment id and the parent (pre-training) run id
       checkpoints/       DeepSpeed checkpoints: step_<n>/ folders + an atomic ``latest`` pointer
       encoder.pt         exported encoder weights + model config (what evaluations load)
+      timm/              the same encoder for timm: model.safetensors + config.json (hpc_mim/export.py)
       evals/<name>.json  each evaluation's final metrics (evals/features/: cached frozen features)
       evals/state/<name>-<hash>/  an evaluation's checkpoints/ (kept across requeues, removed
                          once it finished: evaluation/common.py ``prune``), child.json (its MLflow
@@ -129,6 +130,7 @@ class RunDir:
     tracking_file = property(lambda self: self.root / "tracking.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
     encoder = property(lambda self: self.root / "encoder.pt")
+    timm = property(lambda self: self.root / "timm")           # the encoder in timm's format
     evals = property(lambda self: self.root / "evals")
     jobs = property(lambda self: self.root / "jobs")
     logs = property(lambda self: self.root / "logs")
@@ -169,3 +171,13 @@ class RunDir:
         if not self.stages_log.is_file():
             return []
         return [json.loads(line) for line in self.stages_log.read_text().splitlines() if line.strip()]
+
+
+def find_sweep(name: str, runs_root: str = "runs") -> Path:
+    """A sweep's folder (the one holding ``sweep.json``, jobs/sweep_arrays.py): ``name`` as a
+    path, or ``<runs_root>/<name>``."""
+    for candidate in (Path(name), Path(runs_root) / name):
+        if (candidate / "sweep.json").is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"no sweep {name!r}: neither {name}/sweep.json nor "
+                            f"{runs_root}/{name}/sweep.json exists")

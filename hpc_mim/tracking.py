@@ -62,15 +62,38 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow 3's experiment kind: model training, not GenAI (traces, judges). Set on the experiment,
+# unless someone chose another kind. The web UI bundled with mlflow 3.17 does not read it (a
+# browser-wide "GenAI | Model training" switch decides, GenAI by default), so ``runs_page`` is
+# the link that opens on the runs table there too.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) -> str:
-    """Experiment id, created if needed. Call once from one process first: a new sqlite store
-    created by several processes at once gets corrupted (alembic migrations race)."""
+    """Experiment id, created if needed and marked as model training (``KIND_TAG``). Call once
+    from one process first: a new sqlite store created by several processes at once gets
+    corrupted (alembic migrations race)."""
     store = client(uri)
     exp = store.get_experiment_by_name(name)
     if exp is not None:
+        if KIND_TAG not in exp.tags:           # made by an older version, or by hand
+            store.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
-    return store.create_experiment(name, artifact_location=location)
+    return store.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
+
+
+def runs_page(uri: str, experiment_id: str) -> str:
+    """The web page of the experiment's runs table: on the tracking server itself, or on what
+    ``mlflow ui`` serves for a local store (its default address)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def how_to_look(uri: str, experiment_id: str) -> list[str]:
+    """What to type to see the runs: ``mlflow ui`` first for a local store, then the page."""
+    serve = [] if uri.startswith(("http://", "https://")) else [f"mlflow ui --backend-store-uri {uri}"]
+    return [*serve, runs_page(uri, experiment_id)]
 
 
 # MlflowException error codes of the 5xx / 429 family that a later try cannot cure: the request

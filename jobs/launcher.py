@@ -320,9 +320,12 @@ class Launcher:
         atomic_write_text(self.folder / "jobs.json", json.dumps(index, indent=2))
 
     def run_plan(self, plan: list[JobSpec],
-                 on_start: Callable[[JobSpec, submitit.Job], None] = lambda spec, job: None) -> dict[str, str]:
+                 on_start: Callable[[JobSpec, submitit.Job], None] = lambda spec, job: None,
+                 on_poll: Callable[[bool], None] = lambda done: None) -> dict[str, str]:
         """Local / debug: run the jobs one after another (they share this machine), each only if
-        the jobs it depends on succeeded. Returns job name -> "ok" or what went wrong."""
+        the jobs it depends on succeeded; ``on_poll(done)`` is called about once a second while a
+        job runs and once when it ended (jobs/follow.py shows its progress). Returns job name ->
+        "ok" or what went wrong."""
         status: dict[str, str] = {}
         jobs: dict[str, submitit.Job] = {}
         for spec in plan:
@@ -333,8 +336,13 @@ class Launcher:
             job = jobs[spec.name] = self.submit(spec)
             self.write_index(plan, jobs)
             on_start(spec, job)
+            polled = time.monotonic()
             while not job.done():         # submitit's own wait looks once a second
                 time.sleep(0.1)
+                if time.monotonic() - polled >= 1.0:
+                    polled = time.monotonic()
+                    on_poll(False)
+            on_poll(True)
             try:
                 job.results()             # every task's result; raises if one failed
                 status[spec.name] = "ok"

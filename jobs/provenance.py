@@ -47,13 +47,16 @@ def datasets_of(cfg: Config) -> dict[str, str]:
     return out
 
 
-def record(logger: Any, cfg: Config, config_path: Path) -> dict[str, str]:
+def record(logger: Any, cfg: Config, config_path: Path) -> dict[str, Any]:
     """Tag, attach and declare what reproduces the run of ``logger`` (an MLflowLogger);
-    returns the tags."""
+    returns the tags and ``datasets`` (name -> manifest sha256), which the run directory keeps
+    too (tracking.json ``provenance``: the exported encoder's config names them)."""
     tags = git_state()
     logger.set_tags(tags)
     logger.log_artifact(config_path)
+    shas = {}
     for name, context in datasets_of(cfg).items():
         sha, source = _dataset_sha(name, cfg.data.root)
         logger.log_dataset(name, sha[:16], source, context, {"manifest_sha256": sha})
-    return tags
+        shas[name] = sha
+    return {**tags, "datasets": shas}

@@ -106,6 +106,7 @@ def create_run(cfg: Config, run_dir: Path, uri: str, experiment: str, parent_run
     logger = MLflowLogger.create_run(uri, experiment, cfg.name, parent_run_id=parent_run_id,
                                      tags={"method": cfg.method.name, "run_dir": str(run_dir), **tags})
     logger.log_params(cfg.to_dict())
-    provenance.record(logger, cfg, run.config)
-    run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": logger.run_id, "tags": tags})
+    recorded = provenance.record(logger, cfg, run.config)
+    run.write_tracking({"uri": uri, "experiment_id": experiment, "run_id": logger.run_id, "tags": tags,
+                        "provenance": recorded})
     return logger.run_id

@@ -33,6 +33,7 @@ if __package__ in (None, ""):        # run as a script: make the repository impo
 
 from hpc_mim.config import Config, ConfigError, load_config  # noqa: E402
 from hpc_mim.rundir import claim, run_dir_path, runs_umask, umask  # noqa: E402
+from jobs.follow import LogFollower  # noqa: E402
 from jobs.plan import JobSpec, build_plan, format_plan  # noqa: E402
 from jobs.runs import (check_inputs, check_tracking_store, create_run,  # noqa: E402
                        tracking_experiment, tracking_uri)
@@ -180,9 +181,11 @@ def submit_run(cfg: Config, plan: list[JobSpec], run_dir: Path, launcher, unique
         cfg.name, run_dir, launcher.folder = claimed.name, claimed, claimed / "jobs"
         plan = build_plan(cfg, str(run_dir))
 
+    from hpc_mim.tracking import how_to_look
     uri = tracking_uri(cfg)
     try:      # jobs may buffer through an outage, but the parent run must exist before queueing
-        run_id = create_run(cfg, run_dir, uri, tracking_experiment(cfg, uri))
+        experiment = tracking_experiment(cfg, uri)
+        run_id = create_run(cfg, run_dir, uri, experiment)
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
         shutil.rmtree(run_dir, ignore_errors=True)     # created here, holds nothing else yet
         print(f"error: tracking.uri: cannot create the MLflow run at {uri} "
@@ -205,14 +208,21 @@ def submit_run(cfg: Config, plan: list[JobSpec], run_dir: Path, launcher, unique
         ids = ",".join(j.job_id for j in jobs.values())
         print(f"\nwatch:  squeue -j {ids}\n        tail -f {launcher.log_path(jobs['pretrain'])}"
               f"\n        python jobs/submit.py --status {run_dir}"
-              f"\n        mlflow ui --backend-store-uri {uri}")
+              + "".join(f"\n        {line}" for line in how_to_look(uri, experiment)))
         return 0
 
-    # local / debug: run pre-training, then the evaluations, here and now
-    outcome = launcher.run_plan(plan, lambda spec, job: print(
-        f"running {spec.name} (log {launcher.log_path(job)})", flush=True))
+    # local / debug: run pre-training, then the evaluations, here and now; a local job's progress
+    # lines are shown as it writes them (a debug job runs in this process and prints them itself)
+    followers: list[LogFollower] = []
+
+    def started(spec: JobSpec, job) -> None:
+        print(f"running {spec.name} (log {launcher.log_path(job)})", flush=True)
+        followers[:] = [LogFollower(launcher.log_path(job))] if launcher.cluster == "local" else []
+
+    outcome = launcher.run_plan(plan, started, lambda done: [f.poll(final=done) for f in followers])
     for job_name, state in outcome.items():
         print(f"{job_name:<14} {state}")
+    print(f"runs in MLflow: {', then '.join(how_to_look(uri, experiment))}")
     return 0 if all(s == "ok" for s in outcome.values()) else 1
 
 if __name__ == "__main__":

@@ -105,14 +105,6 @@ def resolve_cells(spec: SweepSpec, flags: list[str]) -> tuple[Path, dict[str, tu
     return sweep_dir, out
 
 
-def find_sweep(name: str, runs_root: str = "runs") -> Path:
-    for candidate in (Path(name), Path(runs_root) / name):
-        if (candidate / "sweep.json").is_file():
-            return candidate.resolve()
-    raise FileNotFoundError(f"no sweep {name!r}: neither {name}/sweep.json nor "
-                            f"{runs_root}/{name}/sweep.json exists")
-
-
 def read_record(sweep_dir: Path) -> dict[str, Any]:
     return json.loads((sweep_dir / "sweep.json").read_text())
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_mim.config import Config, ConfigError, read_config
-from hpc_mim.rundir import atomic_write_text, claim, runs_umask, umask
+from hpc_mim.rundir import atomic_write_text, claim, find_sweep, runs_umask, umask
 from jobs.launcher import Launcher, resolve_cluster
 from jobs.partition import check_before_queueing
 from jobs.plan import JobSpec, build_plan, format_plan
@@ -40,7 +40,7 @@ from jobs.runs import check_inputs, check_tracking_store, create_run, tracking_e
 from jobs.status import collect, slurm_state, status_path
 from jobs.submission import abandon_sweep
 from jobs.sweep import SweepSpec
-from jobs.sweep_arrays import (ALIVE, find_sweep, format_arrays, max_array_size, new_record, plan_arrays,
+from jobs.sweep_arrays import (ALIVE, format_arrays, max_array_size, new_record, plan_arrays,
                                read_record, resolve_cells, write_record)
 
 

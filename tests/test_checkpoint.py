@@ -111,7 +111,37 @@ def test_exported_encoder_is_complete_for_zero_stages(tmp_path, data_root, stage
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"ZeRO-{stage}" in r.stdout
     encoder = load_encoder(run.encoder)                  # strict: every shape must match
-    assert encoder(torch.randn(2, 3, 28, 28)).shape == (2, 50, 32)
+    x = torch.randn(2, 3, 28, 28)
+    assert encoder(x).shape == (2, 50, 32)
+    # the same gathered weights for timm (hpc_mim/export.py), and how long pre-training ran
+    import timm
+    model = timm.create_model(f"local-dir:{run.timm}", pretrained=True, num_classes=0).eval()
+    with torch.no_grad():
+        assert (model.forward_features(x) - encoder.eval()(x)).abs().max() <= 1e-5
+    assert torch.load(run.encoder, weights_only=True)["trained"]["steps"] == 2
+
+
+def test_a_failed_timm_export_leaves_pretraining_and_its_evaluations_alone(tmp_path, data_root):
+    """The evaluations need encoder.pt only: a timm export that raises is logged and tagged,
+    and the job still ends FINISHED with encoder.pt written (python -m jobs.export redoes it)."""
+    from mlflow.tracking import MlflowClient
+
+    run, uri, run_id = make_run(tmp_path, [f"data.root={data_root}", "train.max_steps=2"])
+    broken = textwrap.dedent(f"""
+        from hpc_mim.train import pretrain, trainer
+        def export_timm(root):
+            raise RuntimeError("timm says no")
+        trainer.export_timm = export_timm
+        pretrain.main({str(run.root)!r})
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+    r = subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the timm export failed (RuntimeError: timm says no); redo it with python -m jobs.export" in r.stdout
+    assert run.encoder.is_file() and not run.timm.exists()
+    info = MlflowClient(uri).get_run(run_id)
+    assert info.info.status == "FINISHED"
+    assert info.data.tags["timm_export_error"] == "RuntimeError: timm says no"
 
 
 @pytest.mark.parametrize("stage", [2, 3])

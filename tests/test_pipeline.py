@@ -9,11 +9,14 @@ import sys
 import time
 
 import pytest
+import timm
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, submit
 from hpc_mim.config import load_config
 from hpc_mim.methods import REGISTRY, build_method
+from hpc_mim.models.vit import load_encoder
 
 
 def scontrol(job_id: str) -> dict[str, str]:
@@ -34,12 +37,15 @@ def check_mlflow(run_dir, evals=("knn", "linear_probe"), method="mae"):
     assert parent.data.tags["git_commit"] == head.stdout.strip()
     assert parent.data.tags["git_dirty"] in ("true", "false")
     assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    experiment = client.get_experiment(tracking["experiment_id"])
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"   # model training
     (data,) = parent.inputs.dataset_inputs
     assert data.dataset.name == "fmnist" and len(data.dataset.digest) == 16
     assert json.loads(data.dataset.profile)["manifest_sha256"].startswith(data.dataset.digest)
     cfg = load_config(method, "smoke")
     for term in build_method(cfg.model, cfg.method).terms:     # every named loss term is logged
         assert client.get_metric_history(parent.info.run_id, f"train/{term}"), term
+    check_timm_export(run_dir, parent, client)
     children = client.search_runs([tracking["experiment_id"]],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {c.info.run_name: c for c in children}
@@ -48,6 +54,27 @@ def check_mlflow(run_dir, evals=("knn", "linear_probe"), method="mae"):
         assert child.info.status == "FINISHED"
         assert 10.0 <= child.data.metrics["top1"] <= 100.0     # 10 classes: chance is 10%
     return by_name
+
+
+def check_timm_export(run_dir, parent, client):
+    """Pre-training wrote the encoder in timm's format beside encoder.pt and logged both; timm
+    loads it (as the README says) and gives encoder.pt's tokens; its config names the run's code
+    version, dataset digest and the steps trained."""
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "timm")) == \
+        ["timm/config.json", "timm/model.safetensors"]
+    assert "encoder.pt" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    meta = json.loads((run_dir / "timm" / "config.json").read_text())["hpc_mim"]
+    (data,) = parent.inputs.dataset_inputs
+    assert meta["git_commit"] == parent.data.tags["git_commit"]
+    assert meta["dataset_sha256"] == json.loads(data.dataset.profile)["manifest_sha256"]
+    steps = client.get_metric_history(parent.info.run_id, "train/loss")
+    assert meta["trained_steps"] == max(m.step for m in steps)
+    encoder = load_encoder(run_dir / "encoder.pt").eval()
+    model = timm.create_model(f"local-dir:{run_dir / 'timm'}", pretrained=True, num_classes=0).eval()
+    size = encoder.config["img_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model.forward_features(x) - encoder(x)).abs().max() <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +186,18 @@ def test_local_cluster_pipeline(tmp_path, data_root):
                "--set", "eval.baselines=[pixels]")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"knn\s+ok", r.stdout) and re.search(r"linear_probe\s+ok", r.stdout)
+    # each job's progress as it ran, from its log (jobs/follow.py), between its "running" line
+    # and the next; not the libraries' lines, not the checkpoints
+    shown = r.stdout.split("running pretrain", 1)[1].split("running knn", 1)[0]
+    assert re.search(r"\n  \[pretrain\] start: mae, ", shown), shown
+    assert re.search(r"\n  \[pretrain\] epoch \d+ step (\d+)/\1 loss [\d.]+ .* eta 0.0 min\n", shown), shown
+    assert "exported encoder to" in shown and "checkpoint step_" not in shown and "[INFO]" not in shown
+    probe = r.stdout.split("running linear_probe", 1)[1]
+    assert re.search(r"\n  \[eval\] linear_probe: .*top1=", probe), probe
+    # where to see the runs: the MLflow page that opens on the runs table, not the GenAI pages
+    experiment = json.loads((tmp_path / "loc" / "tracking.json").read_text())["experiment_id"]
+    assert (f"runs in MLflow: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db, then "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning") in r.stdout
     run_dir = tmp_path / "loc"
     children = check_mlflow(run_dir, evals=("knn", "linear_probe", "knn[pixels]", "linear_probe[pixels]"))
     assert children["knn[pixels]"].data.tags["baseline"] == "pixels"

@@ -201,3 +201,25 @@ def test_a_replay_killed_after_creating_a_pending_run_does_not_create_it_twice(s
     [child] = MlflowClient(uri).search_runs([experiment], "attributes.run_name = 'knn'")
     assert child.info.run_id == created and child.info.status == "FINISHED"
     assert child.data.metrics["knn/top1"] == 0.5
+
+
+def test_experiments_are_marked_as_model_training_and_a_chosen_kind_is_kept(tmp_path, empty_store):
+    """MLflow 3's experiment kind (tag mlflow.experimentKind): new experiments and ones made
+    before (no kind) become model training; a kind someone chose stays. The link opens the runs
+    table even where the web UI ignores the kind (mlflow 3.17's defaults to its GenAI pages)."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = MlflowClient(uri)
+    new = tracking.ensure_experiment(uri, "new")
+    old = store.create_experiment("old")                          # as an older version made it
+    chosen = store.create_experiment("chosen", tags={tracking.KIND_TAG: "genai_development"})
+    assert tracking.ensure_experiment(uri, "old") == old
+    assert tracking.ensure_experiment(uri, "chosen") == chosen
+    kinds = {e: store.get_experiment(e).tags.get(tracking.KIND_TAG) for e in (new, old, chosen)}
+    assert kinds == {new: "custom_model_development", old: "custom_model_development",
+                     chosen: "genai_development"}
+    assert tracking.runs_page(uri, new) == \
+        f"http://127.0.0.1:5000/#/experiments/{new}/runs?workflowType=machine_learning"
+    assert tracking.how_to_look("https://mlflow.example.org/", "7") == [
+        "https://mlflow.example.org/#/experiments/7/runs?workflowType=machine_learning"]
+    assert tracking.how_to_look(uri, new) == [f"mlflow ui --backend-store-uri {uri}", tracking.runs_page(uri, new)]

@@ -249,14 +249,15 @@ def build_encoder(model_cfg: dict[str, Any], **overrides: Any) -> ViTEncoder:
     return ViTEncoder(**{**model_cfg, **overrides})
 
 
-def save_encoder(encoder: ViTEncoder, path: Path,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``{"model": constructor args, "state_dict": fp32 weights}`` atomically."""
+def save_encoder(encoder: ViTEncoder, path: Path, state_dict: dict[str, torch.Tensor] | None = None,
+                 trained: dict[str, float] | None = None) -> None:
+    """Write ``{"model": constructor args, "state_dict": fp32 weights, "trained": {"steps",
+    "epochs"}}`` atomically (``trained``: how long pre-training ran, for hpc_mim/export.py)."""
     sd = state_dict if state_dict is not None else encoder.state_dict()
     sd = {k: v.detach().float().cpu() for k, v in sd.items()}
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": dict(encoder.config), "state_dict": sd}, tmp)
+    torch.save({"model": dict(encoder.config), "state_dict": sd, "trained": dict(trained or {})}, tmp)
     tmp.replace(path)
 
 

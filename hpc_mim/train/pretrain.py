@@ -58,6 +58,9 @@ def main(run_dir: str) -> dict[str, float]:
     if logger:
         for artifact in (run.config, run.encoder, run.pretrain_log):
             logger.log_artifact(artifact)
+        if run.timm.is_dir():                   # the encoder in timm's format (if its export worked)
+            for artifact in sorted(run.timm.iterdir()):
+                logger.log_artifact(artifact, "timm")
         logger.finish("FINISHED")
     return metrics
 

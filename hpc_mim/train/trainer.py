@@ -31,6 +31,7 @@ from hpc_mim.config import Config
 from hpc_mim.data.ffcv_io import build_loader, iterate
 from hpc_mim.distributed import deepspeed as ds
 from hpc_mim.distributed.env import DistEnv
+from hpc_mim.export import export_timm
 from hpc_mim.methods import build_method
 from hpc_mim.models.vit import save_encoder
 from hpc_mim.rundir import RunDir
@@ -147,8 +148,21 @@ class Trainer(TrainLoop):
         return metrics
 
     def export(self) -> None:
+        """``encoder.pt`` (what the evaluations load), then the same weights in timm's format
+        (``timm/``, hpc_mim/export.py), on rank 0; the other ranks wait at the barrier. A failed
+        timm export is logged (and tagged ``timm_export_error``) but does not fail the job: the
+        chained evaluations need ``encoder.pt`` only, and ``python -m jobs.export`` can redo it."""
         sd = ds.module_state_dict(self.engine, self.engine.module.encoder)
         if self.env.is_main:
-            save_encoder(self.engine.module.encoder, self.run.encoder, sd)
+            trained = {"steps": self.total_steps, "epochs": round(self.total_steps / self.steps_per_epoch, 4)}
+            save_encoder(self.engine.module.encoder, self.run.encoder, sd, trained)
             self.log(f"exported encoder to {self.run.encoder}")
+            try:
+                self.log(f"exported it for timm to {export_timm(self.run.root)}/")
+            except Exception as e:  # noqa: BLE001 - whatever it was, encoder.pt is written
+                error = f"{type(e).__name__}: {str(e)[:500]}"
+                self.log(f"the timm export failed ({error}); redo it with python -m jobs.export "
+                         f"--run-dir {self.run.root}")
+                if self.logger:
+                    self.logger.set_tags({"timm_export_error": error})
         torch.distributed.barrier()
