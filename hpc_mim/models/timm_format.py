@@ -55,7 +55,9 @@ def timm_model_args(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         args.update(reg_tokens=c["num_cls_tokens"] - 1, no_embed_class=True)
     if c["timestep_cond"]:
         args.update(init_values=1.0)            # LayerScale parameters to hold the AdaLN gates
-    simple = c["num_cls_tokens"] == 1 and not c["timestep_cond"] and c["mlp_ratio"] == 4.0
+    # the registered name alone (no arguments) must build this very model
+    simple = (c["num_cls_tokens"] == 1 and not c["timestep_cond"] and c["mlp_ratio"] == 4.0
+              and c["in_chans"] == 3)
     return (name if simple and name and timm.is_model(name) else FALLBACK_ARCH), args
 
 
