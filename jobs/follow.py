@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 PROGRESS = re.compile(r"^\[([A-Za-z_][\w.\[\]-]*)\] ")    # "[2026-12-06 ...]" (a library's) is not
 SKIP = re.compile(r"^\[[^\]]+\] checkpoint ")
@@ -23,7 +23,7 @@ SKIP = re.compile(r"^\[[^\]]+\] checkpoint ")
 class LogFollower:
     """Prints the progress lines appended to ``path`` since the last ``poll``."""
 
-    def __init__(self, path: str | Path, every_s: float = 10.0, out: TextIO = sys.stdout,
+    def __init__(self, path: str | Path, every_s: float = 10.0, out: TextIO | None = None,
                  indent: str = "  ", clock: Callable[[], float] = time.monotonic) -> None:
         self.path, self.every_s, self.out, self.indent = Path(path), every_s, out, indent
         self.clock = clock
@@ -70,4 +70,22 @@ class LogFollower:
             self.held[tag] = line
 
     def show(self, line: str) -> None:
-        print(self.indent + line, file=self.out, flush=True)
+        print(self.indent + line, file=self.out or sys.stdout, flush=True)     # stdout as it is now
+
+
+def terminal_progress(launcher: Any, prefix: str = "") -> tuple[Callable[[Any, Any], None],
+                                                                Callable[[bool], None]]:
+    """``(on_start, on_poll)`` for ``Launcher.run_plan``: "running <prefix><job> (log ...)" as a
+    job starts, then, for a local job, its progress lines as it writes them (a debug job runs in
+    the calling process and prints them itself)."""
+    followers: list[LogFollower] = []
+
+    def started(spec: Any, job: Any) -> None:
+        print(f"running {prefix}{spec.name} (log {launcher.log_path(job)})", flush=True)
+        followers[:] = [LogFollower(launcher.log_path(job))] if launcher.cluster == "local" else []
+
+    def polled(done: bool) -> None:
+        for follower in followers:
+            follower.poll(final=done)
+
+    return started, polled

@@ -33,7 +33,7 @@ if __package__ in (None, ""):        # run as a script: make the repository impo
 
 from hpc_mim.config import Config, ConfigError, load_config  # noqa: E402
 from hpc_mim.rundir import claim, run_dir_path, runs_umask, umask  # noqa: E402
-from jobs.follow import LogFollower  # noqa: E402
+from jobs.follow import terminal_progress  # noqa: E402
 from jobs.plan import JobSpec, build_plan, format_plan  # noqa: E402
 from jobs.runs import (check_inputs, check_tracking_store, create_run,  # noqa: E402
                        tracking_experiment, tracking_uri)
@@ -211,15 +211,8 @@ def submit_run(cfg: Config, plan: list[JobSpec], run_dir: Path, launcher, unique
               + "".join(f"\n        {line}" for line in how_to_look(uri, experiment)))
         return 0
 
-    # local / debug: run pre-training, then the evaluations, here and now; a local job's progress
-    # lines are shown as it writes them (a debug job runs in this process and prints them itself)
-    followers: list[LogFollower] = []
-
-    def started(spec: JobSpec, job) -> None:
-        print(f"running {spec.name} (log {launcher.log_path(job)})", flush=True)
-        followers[:] = [LogFollower(launcher.log_path(job))] if launcher.cluster == "local" else []
-
-    outcome = launcher.run_plan(plan, started, lambda done: [f.poll(final=done) for f in followers])
+    # local / debug: run pre-training, then the evaluations, here and now, showing their progress
+    outcome = launcher.run_plan(plan, *terminal_progress(launcher))
     for job_name, state in outcome.items():
         print(f"{job_name:<14} {state}")
     print(f"runs in MLflow: {', then '.join(how_to_look(uri, experiment))}")

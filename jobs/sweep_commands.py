@@ -33,6 +33,7 @@ from typing import Any
 
 from hpc_mim.config import Config, ConfigError, read_config
 from hpc_mim.rundir import atomic_write_text, claim, find_sweep, runs_umask, umask
+from jobs.follow import terminal_progress
 from jobs.launcher import Launcher, resolve_cluster
 from jobs.partition import check_before_queueing
 from jobs.plan import JobSpec, build_plan, format_plan
@@ -154,7 +155,7 @@ def submit_cells(sweep_dir: Path, record: dict[str, Any], plans: dict[str, list[
                                      launcher.share_with_group)
             index = cell_launcher.folder / "jobs.json"
             before_index = json.loads(index.read_text()) if index.is_file() else {}
-            outcome = cell_launcher.run_plan(plan)
+            outcome = cell_launcher.run_plan(plan, *terminal_progress(cell_launcher, f"{cid}/"))
             # keep the entries of jobs a resume did not rerun (run_plan indexes its plan only)
             after_index = json.loads(index.read_text()) if index.is_file() else {}
             atomic_write_text(index, json.dumps({**before_index, **after_index}, indent=2))

@@ -65,3 +65,23 @@ def test_the_end_of_a_job_shows_each_tags_last_step_and_an_unfinished_line(tmp_p
     assert out.getvalue() == "  " + step(1, "finetune") + "  " + step(3, "eval")
     f.poll(final=True)
     assert out.getvalue().endswith("  [eval] knn: top1=71.2\n  " + step(2, "finetune"))
+
+
+def test_terminal_progress_names_the_job_and_follows_local_jobs_only(tmp_path, capsys):
+    """What ``Launcher.run_plan`` gets from jobs/submit.py and, with the cell's id as prefix,
+    from a local sweep: the job's name and log as it starts, then its progress lines."""
+    from types import SimpleNamespace
+
+    from jobs.follow import terminal_progress
+
+    log = tmp_path / "0_log.out"
+    log.write_text("[pretrain] start: mae, 4 steps\n" + step(4))
+    spec, job = SimpleNamespace(name="pretrain"), object()
+    for cluster, shown in (("local", True), ("debug", False)):     # debug: the job prints itself
+        launcher = SimpleNamespace(cluster=cluster, log_path=lambda job: str(log))
+        started, polled = terminal_progress(launcher, "mae-seed0/")
+        started(spec, job)
+        polled(True)
+        out = capsys.readouterr().out
+        assert out.startswith(f"running mae-seed0/pretrain (log {log})\n")
+        assert ("  [pretrain] start: mae, 4 steps\n  " + step(4) in out) is shown, out
