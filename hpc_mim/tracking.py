@@ -73,11 +73,15 @@ def ensure_experiment(uri: str, name: str, artifact_root: Path | None = None) ->
     """Experiment id, created if needed and marked as model training (``KIND_TAG``). Call once
     from one process first: a new sqlite store created by several processes at once gets
     corrupted (alembic migrations race)."""
+    from mlflow.exceptions import MlflowException
     store = client(uri)
     exp = store.get_experiment_by_name(name)
     if exp is not None:
         if KIND_TAG not in exp.tags:           # made by an older version, or by hand
-            store.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+            try:
+                store.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+            except MlflowException:            # someone else's experiment on a server with auth:
+                pass                           # a label of the web UI's, not worth a refusal
         return exp.experiment_id
     location = Path(artifact_root).resolve().as_uri() if artifact_root else None
     return store.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})

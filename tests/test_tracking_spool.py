@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
-from mlflow.protos.databricks_pb2 import INVALID_STATE, TEMPORARILY_UNAVAILABLE
+from mlflow.protos.databricks_pb2 import INVALID_STATE, PERMISSION_DENIED, TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
 from hpc_mim import tracking
@@ -223,3 +223,16 @@ def test_experiments_are_marked_as_model_training_and_a_chosen_kind_is_kept(tmp_
     assert tracking.how_to_look("https://mlflow.example.org/", "7") == [
         "https://mlflow.example.org/#/experiments/7/runs?workflowType=machine_learning"]
     assert tracking.how_to_look(uri, new) == [f"mlflow ui --backend-store-uri {uri}", tracking.runs_page(uri, new)]
+
+
+def test_an_experiment_whose_kind_cannot_be_set_is_still_used(tmp_path, empty_store, monkeypatch):
+    """Someone else's experiment on a server with authentication refuses the tag
+    (PERMISSION_DENIED): the submission goes on into it rather than stopping over a UI label."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    theirs = MlflowClient(uri).create_experiment("theirs")
+
+    def refuse(self, *args, **kwargs):
+        raise MlflowException("no", error_code=PERMISSION_DENIED)
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", refuse)
+    assert tracking.ensure_experiment(uri, "theirs") == theirs
