@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,16 +38,6 @@ def refuse_existing(targets: list[Path], force: bool) -> None:
         raise Refused(f"{', '.join(there)} already exist{'s' if len(there) == 1 else ''}: "
                       "this would replace them (real datasets live there under data.root); "
                       "choose another --out, or pass --force to replace them")
-
-
-def replace_path(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, removing what ``dst`` was: a link itself (never what it points
-    at), a file, or a folder."""
-    if dst.is_symlink() or dst.is_file():
-        dst.unlink()
-    elif dst.exists():
-        shutil.rmtree(dst)
-    src.rename(dst)
 
 
 def manifest_path(beton: Path) -> Path:

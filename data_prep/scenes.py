@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 
 from data_prep.fashion_mnist import CLASSES, DEFAULT_SOURCE, load_split
-from data_prep.manifest import refuse_existing, replace_path, run_cli
-from hpc_mim.tempfiles import remove_stale, temp_name
+from data_prep.manifest import refuse_existing, run_cli
+from hpc_mim.tempfiles import remove_stale, replace_whole, temp_name
 
 ADE_SPLITS = {"train": "training", "val": "validation"}
 MIN_VISIBLE_PIXELS = 16          # a mostly hidden item is not an instance (COCO drops tiny ones too)
@@ -162,7 +162,7 @@ def generate(source: Path, out: Path, train: int, val: int, size: int = 64, thre
             print(f"{split}: {count} scenes, {n} instances -> {out}/ade20k, {out}/coco")
         refuse_existing(targets, force)              # made meanwhile by someone else?
         for target in targets:
-            replace_path(staging / target.name, target)
+            replace_whole(staging / target.name, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written

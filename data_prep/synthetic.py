@@ -34,8 +34,8 @@ import numpy as np
 from PIL import Image
 
 from data_prep import scenes
-from data_prep.manifest import refuse_existing, replace_path, run_cli
-from hpc_mim.tempfiles import remove_stale, temp_name
+from data_prep.manifest import refuse_existing, run_cli
+from hpc_mim.tempfiles import remove_stale, replace_whole, temp_name
 
 GLYPHS = ("disc", "ring", "square", "frame", "triangle", "cross", "bars", "stripes",
           "diagonal", "checker")
@@ -137,7 +137,7 @@ def generate(out: Path, classes: int, train: int, val: int, scene_count: int,
                                seed=seed, item_px=(60, 240), classes=list(GLYPHS))
         refuse_existing([out / name for name in TARGETS.values()], force)   # made meanwhile?
         for src, dst in TARGETS.items():
-            replace_path(staging / src, out / dst)
+            replace_whole(staging / src, out / dst)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"[synthetic] {scene_count} + {max(1, scene_count // 4)} scenes of {SCENE_SHAPES} (h, w) "

@@ -11,8 +11,6 @@ Pre-training writes it after ``encoder.pt`` (hpc_mim/train/trainer.py);
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from hpc_mim.config import Config, read_config
 from hpc_mim.models.timm_format import to_timm
 from hpc_mim.models.vit import load_encoder
 from hpc_mim.rundir import RunDir, runs_umask, umask
-from hpc_mim.tempfiles import remove_stale, temp_name
+from hpc_mim.tempfiles import remove_stale, replace_whole, temp_name
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -73,18 +71,8 @@ def export_timm(run_dir: str | Path, out: str | Path | None = None) -> Path:
                     safe_serialization=True, data_config=data)
     for f in tmp.iterdir():                  # the safetensors writer sets its own mode
         f.chmod(0o666 & ~mask)
-    replace_dir(tmp, target)
+    replace_whole(tmp, target)
     return target
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """``new`` takes ``target``'s name; an old ``target`` is moved aside first, then removed
-    (under a temporary name: a kill in between leaves it for ``remove_stale``)."""
-    old = temp_name(target.with_name(target.name + "-old"))
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_export(folder: str | Path) -> dict[str, Any]:

@@ -91,3 +91,19 @@ def remove_stale(folder: Path, started: float = STARTED) -> list[Path]:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def replace_whole(new: Path, target: Path) -> None:
+    """``new`` (a file or a folder, in ``target``'s folder) takes ``target``'s name. What
+    ``target`` was (a link: never what it points at; a file; a folder) is first moved aside
+    under a temporary name, then removed: a kill leaves either the old ``target`` whole or a
+    leftover that the next ``remove_stale`` of the folder deletes, never a half-deleted one."""
+    new, target = Path(new), Path(target)
+    old = temp_name(target.with_name(target.name + "-old"))
+    if target.is_symlink() or target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    if old.is_symlink() or old.is_file():
+        old.unlink()
+    elif old.exists():
+        shutil.rmtree(old)
